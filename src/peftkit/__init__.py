@@ -1,0 +1,19 @@
+"""peftkit: parameter-efficient fine-tuning of transformer models.
+
+    from peftkit import LoraConfig, get_peft_model
+    model = get_peft_model(base_model, LoraConfig(r=8, lora_alpha=16))
+"""
+
+from . import methods  # noqa: F401  (registers every method)
+from .config import PeftConfig
+from .methods.lora import LoraConfig
+from .model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "get_peft_model",
+]

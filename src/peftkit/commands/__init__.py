@@ -1,0 +1,5 @@
+"""Subcommands of the ``peftkit`` CLI, in the order ``--help`` lists them."""
+
+from . import info
+
+COMMANDS = [info]

@@ -1,0 +1,233 @@
+"""The layer-level contract, and the one tuner all layer-level methods (LoRA, IA3, bottleneck) share.
+
+A layer method provides a config, a default-target table and :class:`AdapterLayer` subclasses; the
+generic :class:`LayerTuner` finds targets, wraps them in hosts, names tensors for the file format,
+merges, and removes. The method file only says what is specific to it (``make_layer``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from ..inject import find_targets, get_submodule, host_for, hosts, model_type, name_matches, named_base_modules, release_host
+from ..io.keys import HF_PREFIX, to_hf_key
+from ..tuner import Tuner
+
+
+class AdapterLayer(nn.Module):
+    """One named adapter inside an :class:`~peftkit.inject.AdapterHost`.
+
+    ``forward(x, base)`` returns the adapted output, where ``base`` is the frozen module (callable).
+    Additive adapters only define ``delta(x)``: ``forward = base(x) + delta(x)``.
+    Mergeable adapters define ``delta_weight()``-based ``merge(base_layer)`` / ``unmerge(base_layer)``.
+    """
+
+    additive: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        if not self.additive:
+            raise NotImplementedError(f"{type(self).__name__} must define forward(x, base)")
+        out = base(x)
+        return out + self.delta(x).to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is not additive")
+
+    def merge(self, base_layer: nn.Module) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    # Tensor names as the Hugging Face PEFT file spells them (relative to the wrapped module).
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items()}
+
+    def hf_to_local(self, key: str) -> str:
+        return key
+
+
+class ModuleCopy(AdapterLayer):
+    """``modules_to_save``: a trainable full copy of a module (e.g. a classifier head) used instead of it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(base_layer)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        return self.module(x)
+
+    # Merging swaps the trained and the original tensors; swapping again undoes it exactly.
+    def merge(self, base_layer: nn.Module) -> None:
+        self._swap(base_layer)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        self._swap(base_layer)
+
+    @torch.no_grad()
+    def _swap(self, base_layer: nn.Module) -> None:
+        mine = dict(self.module.named_parameters())
+        for name, theirs in base_layer.named_parameters():
+            theirs.data, mine[name].data = mine[name].data, theirs.data
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict())
+
+    def hf_to_local(self, key: str) -> str:
+        return "module." + key
+
+
+class LayerTuner(Tuner):
+    """A named adapter made of :class:`AdapterLayer` s placed in hosts around target modules.
+
+    Subclasses set ``supported`` (base module types), ``default_targets`` (``model_type`` -> module
+    names) and implement ``make_layer(module, path)``. The config needs ``target_modules``,
+    ``exclude_modules`` and ``modules_to_save`` fields.
+    """
+
+    supported: ClassVar[tuple[type[nn.Module], ...]] = ()
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+    mixed_batch = True
+
+    def __init__(self, peft_model, name: str, config: PeftConfig) -> None:
+        super().__init__(peft_model, name, config)
+        targets = self.find_targets()
+        copies = [p for p in self._modules_to_save_paths() if p not in targets]
+        # Build every layer before touching the model, so a failure leaves it unchanged.
+        layers = {path: self.make_layer(get_submodule(self.model, path), path) for path in targets}
+        for path in copies:
+            layers[path] = ModuleCopy(get_submodule(self.model, path))
+        for path, layer in layers.items():
+            base = get_submodule(self.model, path)
+            ref = next(base.parameters(), None)
+            if ref is not None:
+                layer.to(ref.device)
+            host_for(self.model, path, peft_model.routing).adapters[name] = layer
+        self.paths = list(layers)
+
+    # --- what a method file provides -------------------------------------------------------------
+    def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def target_modules(self) -> Any:
+        targets = self.config.target_modules
+        if targets is None:
+            kind = model_type(self.model)
+            if kind not in self.default_targets:
+                raise ValueError(
+                    f"{type(self.config).__name__}: no default target_modules for model type {kind!r}; "
+                    f"set target_modules (defaults exist for {sorted(self.default_targets)})."
+                )
+            targets = self.default_targets[kind]
+        return targets
+
+    # --- generic machinery -----------------------------------------------------------------------
+    def find_targets(self) -> list[str]:
+        return find_targets(
+            self.model,
+            self.target_modules(),
+            getattr(self.config, "exclude_modules", None),
+            self.supported,
+            type(self.config).__name__,
+        )
+
+    def _modules_to_save_paths(self) -> list[str]:
+        names = getattr(self.config, "modules_to_save", None) or []
+        if not names:
+            return []
+        paths = [n for n, _ in named_base_modules(self.model) if name_matches(n, list(names))]
+        if not paths:
+            raise ValueError(f"modules_to_save={names!r} matches no module of {type(self.model).__name__}.")
+        return paths
+
+    def layers(self) -> list[tuple[str, AdapterLayer]]:
+        return [(path, host.adapters[self.name]) for path, host in hosts(self.model) if self.name in host.adapters]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [
+            (f"{path}.adapters.{self.name}.{n}", p) for path, layer in self.layers() for n, p in layer.named_parameters()
+        ]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._layer_state_dict()
+
+    def _layer_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            to_hf_key(path, key): tensor
+            for path, layer in self.layers()
+            for key, tensor in layer.hf_state_dict().items()
+        }
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        layers = dict(self.layers())
+        plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+        expected = set(self._layer_state_dict())
+        for key, value in tensors.items():
+            path, local = self._split_key(key, layers, source)
+            target = layers[path].state_dict(keep_vars=True).get(layers[path].hf_to_local(local))
+            if target is None:
+                raise KeyError(f"{source}: {key!r} names no tensor of the adapter at {path!r}.")
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}. "
+                    "The adapter was most likely trained on a different base model (or with a different rank)."
+                )
+            plan.append((target, value))
+            expected.discard(key)
+        if expected:
+            missing = sorted(expected)
+            raise KeyError(f"{source}: missing {len(missing)} tensor(s) the adapter needs, e.g. {missing[:3]}.")
+        with torch.no_grad():
+            for target, value in plan:
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+    @staticmethod
+    def _split_key(key: str, layers: dict[str, AdapterLayer], source: str) -> tuple[str, str]:
+        """``base_model.model.<path>.<tensor>`` -> (path, tensor), choosing the longest matching path."""
+        if not key.startswith(HF_PREFIX):
+            raise KeyError(f"{source}: key {key!r} does not start with {HF_PREFIX!r}.")
+        rest = key[len(HF_PREFIX):]
+        parts = rest.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            path = ".".join(parts[:i])
+            if path in layers:
+                return path, ".".join(parts[i:])
+        raise KeyError(
+            f"{source}: {key!r} matches no module this adapter targets "
+            f"(targets: {sorted(layers)[:4]}{' ...' if len(layers) > 4 else ''}). "
+            "Was the adapter trained on a different base model?"
+        )
+
+    def remove(self) -> None:
+        """Take this adapter's layers out; hosts left empty give their place back to the base module.
+        Weights that were merged stay merged (that is what ``merge_and_unload`` relies on)."""
+        for path, host in list(hosts(self.model)):
+            if self.name in host.adapters:
+                del host.adapters[self.name]
+                if self.name in host.merged:
+                    host.merged.remove(self.name)
+            if len(host.adapters) == 0:
+                release_host(self.model, path)
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            super().merge()
+        for _, host in hosts(self.model):
+            host.merge(self.name)
+
+    def unmerge(self) -> None:
+        for _, host in hosts(self.model):
+            host.unmerge(self.name)
+
+    @property
+    def merged(self) -> bool:
+        return any(self.name in host.merged for _, host in hosts(self.model))
+

@@ -1,0 +1,337 @@
+r"""LoRA: low-rank adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+The frozen weight ``W`` (d x k) gets a trainable low-rank update ``B A`` with ``A`` (r x k) and
+``B`` (d x r)::
+
+        x (.., k)
+        |-----------------.
+        |                 |
+     [ W (d x k) ]    [ A (r x k) ]   A: Kaiming-uniform init
+        |  frozen         |
+        |             [ B (d x r) ]   B: zero init, so a fresh adapter changes nothing
+        |                 | * scaling
+        +<----------------'
+        h (.., d)        h = W x + (alpha / r) B A x        (alpha / sqrt(r) with rsLoRA)
+
+A 512 x 64 weight with r = 8 trains 8*64 + 512*8 = 4,608 parameters instead of 32,768.
+``delta_weight() = scaling * B @ A`` is the single source of the math for merge and unmerge.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig
+from ..inject import Conv1D, get_submodule
+from ..io.keys import HF_PREFIX
+from ..registry import register
+from .base import AdapterLayer, LayerTuner, ModuleCopy
+
+# Attention query and value projections per architecture: the seed's finding is that adapting the
+# self-attention layers is enough, and q/v is the original paper's choice.
+LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5")},
+    **{
+        t: ["q_proj", "v_proj"]
+        for t in ("bart", "mbart", "marian", "pegasus", "llama", "mistral", "mixtral", "qwen2", "qwen3",
+                  "opt", "gemma", "gemma2", "phi", "phi3", "gptj", "olmo", "olmo2", "granite", "smollm3")
+    },
+    "gpt2": ["c_attn"],
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2")},
+    "distilbert": ["q_lin", "v_lin"],
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon")},
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (field names as in ``peft.LoraConfig``).
+
+    Args:
+        r: Rank of the update. Larger ranks can fit more but train more parameters; 4-64 is typical.
+        lora_alpha: Scale numerator: the update is multiplied by ``lora_alpha / r``. Keeping alpha fixed
+            while changing r changes the effective learning rate of the adapter.
+        lora_dropout: Dropout on the adapter's input during training (0 disables it, at no cost).
+        target_modules: Which modules get an adapter: a list of module-name suffixes (``["q_proj",
+            "v_proj"]``), a regex matched against full names, or ``"all-linear"`` (every linear layer but
+            the output head). ``None`` picks the attention query/value projections of known architectures.
+        exclude_modules: Names (same rules) to leave alone even when ``target_modules`` matches them.
+        bias: Which biases train too: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted
+            layers). Trained biases change the base model and are saved with the adapter.
+        use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA), which keeps updates stable at high ranks.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as a no-op), ``"gaussian"`` (A
+            normal with std 1/r, B zero), or ``False`` (random B too: not a no-op; for tests).
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. a new classifier head).
+        rank_pattern: ``{name pattern: rank}`` overriding ``r`` for matching modules.
+        alpha_pattern: ``{name pattern: alpha}`` overriding ``lora_alpha`` for matching modules.
+        fan_in_fan_out: Whether the target stores its weight as (in, out), like GPT-2's ``Conv1D``.
+            ``None`` (default) decides per layer from its type; an explicit value that contradicts the
+            layer type is an error.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig: lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")
+        if self.fan_in_fan_out not in (None, True, False):
+            raise ValueError(f"LoraConfig: fan_in_fan_out must be True, False or None (decide per layer), got {self.fan_in_fan_out!r}.")
+        self.target_modules = _names(self.target_modules, "target_modules")
+        self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+        if self.modules_to_save is not None:
+            self.modules_to_save = _names(list(self.modules_to_save), "modules_to_save")
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}.")
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a positive number, got {alpha!r}.")
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        return (_lookup(self.rank_pattern, module_path, self.r), _lookup(self.alpha_pattern, module_path, self.lora_alpha))
+
+
+def _names(value, field_name: str):
+    """Normalise a module-name spec: None, a regex string, or a sorted list of names."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
+    raise ValueError(f"{field_name} must be a list of module names, a regex string or None, got {value!r}.")
+
+
+def _lookup(patterns: dict, module_path: str, default):
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_path):
+            return value
+    return default
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _match_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Adapters keep fp32 weights on a bf16/fp16 base; autocast handles the mix when it is on.
+    if x.dtype != weight.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+        return x.to(weight.dtype)
+    return x
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA on ``nn.Linear`` (weight d x k) or GPT-2 ``Conv1D`` (weight stored k x d: ``fan_in_fan_out``).
+
+    ``delta(x)``: x (..., k) -> (..., d), ``scaling * B(A(dropout(x)))``.
+    """
+
+    additive = True
+    mergeable = True
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, init, fan_in_fan_out: bool):
+        super().__init__()
+        k, d = (base.weight.shape if fan_in_fan_out else base.weight.shape[::-1])
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r, self.scaling = r, _scaling(alpha, r, rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(k, r, bias=False)
+        self.lora_B = nn.Linear(r, d, bias=False)
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        if init in (True, "gaussian"):
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = _match_input_dtype(x, self.lora_A.weight)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout: (d, k), or (k, d) for fan_in_fan_out."""
+        w = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return w.T if self.fan_in_fan_out else w
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+    @staticmethod
+    def mixed_delta(layers: list["LoraLinear"], x: torch.Tensor, groups) -> torch.Tensor:
+        """Deltas for a mixed batch: row group ``rows`` gets ``layers[i].delta(x[rows])``, other rows 0."""
+        out = None
+        for layer, rows in zip(layers, (rows for _, rows in groups)):
+            part = layer.delta(x.index_select(0, rows))
+            if out is None:
+                out = part.new_zeros(x.shape[:-1] + part.shape[-1:])
+            out = out.index_add(0, rows, part)
+        return out
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA on ``nn.Embedding`` (num_embeddings x dim): ``delta(ids) = scaling * A[:, ids].T @ B.T``.
+
+    As in ``peft``, ``lora_embedding_A`` (r x num_embeddings) starts at zero and
+    ``lora_embedding_B`` (dim x r) normal, so a fresh adapter is a no-op.
+    """
+
+    additive = True
+    mergeable = True
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float, rslora: bool, init):
+        super().__init__()
+        self.r, self.scaling = r, _scaling(alpha, r, rslora)
+        self.padding_idx, self.max_norm = base.padding_idx, base.max_norm
+        self.lora_embedding_A = nn.Parameter(torch.randn(r, base.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
+        if init in (True, "gaussian"):
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def delta(self, ids: torch.Tensor) -> torch.Tensor:
+        after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=self.padding_idx, max_norm=self.max_norm)
+        return (after_a @ self.lora_embedding_B.T) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class LoraConv2d(AdapterLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (in -> r channels), B a 1x1 conv (r -> out)."""
+
+    additive = True
+    mergeable = True
+
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float, rslora: bool, init):
+        super().__init__()
+        if base.groups != 1:
+            raise ValueError("LoRA on grouped convolutions is not supported; exclude this layer from target_modules.")
+        self.r, self.scaling = r, _scaling(alpha, r, rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+        self.lora_B = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        if init in (True, "gaussian"):
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = _match_input_dtype(x, self.lora_A.weight)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.lora_A.weight, self.lora_B.weight  # (r, in, kh, kw), (out, r, 1, 1)
+        return F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * self.scaling  # (out, in, kh, kw)
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class LoraTuner(LayerTuner):
+    """Attaches :class:`LoraConfig` adapters: one LoRA layer per target module."""
+
+    supported = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
+    default_targets = LORA_DEFAULT_TARGETS
+    mergeable = True
+
+    def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
+        c = self.config
+        r, alpha = c.rank_and_alpha(path)
+        if isinstance(module, nn.Embedding):
+            return LoraEmbedding(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights)
+        if isinstance(module, nn.Conv2d):
+            return LoraConv2d(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights)
+        transposed = isinstance(module, Conv1D)
+        if c.fan_in_fan_out is not None and c.fan_in_fan_out != transposed:
+            raise ValueError(
+                f"LoraConfig: fan_in_fan_out={c.fan_in_fan_out} but {path} is a {type(module).__name__}, whose weight is "
+                f"stored {'(in, out)' if transposed else '(out, in)'}. Leave fan_in_fan_out=None to decide per layer."
+            )
+        return LoraLinear(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights, transposed)
+
+    def config_dict(self) -> dict:
+        d = super().config_dict()
+        d["target_modules"] = self.target_modules()
+        d["fan_in_fan_out"] = any(isinstance(get_submodule(self.model, p), Conv1D) for p in self.paths)
+        return d
+
+    # --- bias="all" / "lora_only": base biases that train (and are saved) with the adapter -----------
+    def _biases(self) -> dict[str, nn.Parameter]:
+        if self.config.bias == "none":
+            return {}
+        if self.config.bias == "all":
+            return {n: p for n, p in self.model.named_parameters() if n.endswith(".bias") and ".adapters." not in n}
+        found = {}
+        for path, layer in self.layers():
+            bias = getattr(get_submodule(self.model, path), "bias", None) if not isinstance(layer, ModuleCopy) else None
+            if isinstance(bias, nn.Parameter):
+                found[f"{path}.base_layer.bias"] = bias
+        return found
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return super().named_parameters() + list(self._biases().items())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), **{HF_PREFIX + n: p for n, p in self._biases().items()}}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        biases = {HF_PREFIX + n: p for n, p in self._biases().items()}
+        for key, param in biases.items():
+            if key not in tensors:
+                raise KeyError(f"{source}: missing {key!r} (the adapter trains biases: bias={self.config.bias!r}).")
+            if tensors[key].shape != param.shape:
+                raise ValueError(f"{source}: {key!r} has shape {tuple(tensors[key].shape)}, the model expects {tuple(param.shape)}.")
+        super().load_state_dict({k: v for k, v in tensors.items() if k not in biases}, source)
+        with torch.no_grad():
+            for key, param in biases.items():
+                param.copy_(tensors[key].to(param.dtype))
+
+
+register(LoraConfig, LoraTuner)

@@ -1,0 +1,327 @@
+"""PeftModel: a base model with named adapters. Names follow the ``peft`` package.
+
+The wrapper owns three things: the adapters by name (each a :class:`~peftkit.tuner.Tuner`), the
+routing that decides which one runs, and the Hugging Face PEFT file format on disk. Everything
+method-specific lives in the method's own file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .inject import check_adapter_name, freeze
+from .io.files import load_adapter_config, load_adapter_tensors, save_adapter_files
+from .registry import config_from_dict, tuner_for
+from .tuner import BASE, Routing, Tuner
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ... from a transformers model's class; None for other modules."""
+    name = type(model).__name__
+    if getattr(model, "config", None) is None:
+        return None
+    for suffix, task in (
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
+
+
+class PeftModel(nn.Module):
+    """A model whose base weights are frozen and whose named adapters can be trained, switched,
+    merged, saved and loaded.
+
+    Args:
+        model: Any ``torch.nn.Module``; ``transformers`` models get per-architecture defaults.
+        peft_config: The first adapter's config (``LoraConfig``, ``IA3Config``, ...).
+        adapter_name: Its name; ``"default"`` is saved at the top of the directory, others in sub-folders.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("The model is already a PeftModel; use add_adapter() to give it another adapter.")
+        self.base_model = model
+        self.routing = Routing()
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._tuners: dict[str, Tuner] = {}
+        self._merged: str | None = None
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        freeze(model)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_tuners", "routing"):
+                raise
+            return getattr(self.base_model, name)
+
+    # --- adapters by name -------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        return self.routing.active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.routing.active]
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Attach another adapter. It starts frozen and inactive: ``set_adapter`` selects it for training."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self._tuners:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; delete_adapter() it or pick another name.")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a peftkit config (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}.")
+        tuner_class = tuner_for(peft_config)
+        if self._tuners and (tuner_class.exclusive or any(t.exclusive for t in self._tuners.values())):
+            raise ValueError(
+                f"{type(peft_config).__name__} cannot share a model with adapter(s) {list(self._tuners)}: methods that "
+                "train the base weights themselves (selective, full) need a model of their own."
+            )
+        if self._merged is not None:
+            raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before adding another adapter.")
+        tuner = tuner_class(self, adapter_name, peft_config)
+        self._tuners[adapter_name] = tuner
+        self.peft_config[adapter_name] = peft_config
+        for _, p in tuner.named_parameters():
+            p.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter that runs (and trains, unless loaded for inference)."""
+        self._tuner(adapter_name)
+        if self._merged is not None and self._merged != adapter_name:
+            raise RuntimeError(f"Adapter {self._merged!r} is merged into the weights; unmerge_adapter() before switching.")
+        previous = self.routing.active
+        if previous is not None and previous != adapter_name and previous in self._tuners:
+            for _, p in self._tuners[previous].named_parameters():
+                p.requires_grad_(False)
+        trainable = not self.peft_config[adapter_name].inference_mode
+        for _, p in self._tuners[adapter_name].named_parameters():
+            p.requires_grad_(trainable)
+        self.routing.active = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        tuner = self._tuner(adapter_name)
+        if self._merged == adapter_name:
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it.")
+        tuner.remove()
+        del self._tuners[adapter_name], self.peft_config[adapter_name]
+        if self.routing.active == adapter_name:
+            self.routing.active = next(iter(self._tuners), None)
+            if self.routing.active is not None:
+                self.set_adapter(self.routing.active)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the bare base model inside the ``with`` block."""
+        if self._merged is not None:
+            raise RuntimeError(f"Adapter {self._merged!r} is merged into the weights; unmerge_adapter() first.")
+        previous = self.routing.enabled
+        self.routing.enabled = False
+        try:
+            yield
+        finally:
+            self.routing.enabled = previous
+
+    def _tuner(self, adapter_name: str) -> Tuner:
+        try:
+            return self._tuners[adapter_name]
+        except KeyError:
+            raise KeyError(f"No adapter named {adapter_name!r}; this model has {list(self._tuners)}.") from None
+
+    # --- merging ----------------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (no added latency). Calling it twice is a no-op."""
+        if self._merged is not None:
+            return
+        name = self.routing.active
+        self._tuner(name).merge()
+        self._merged = name
+
+    def unmerge_adapter(self) -> None:
+        """Undo ``merge_adapter`` (to float precision). A no-op when nothing is merged."""
+        if self._merged is None:
+            return
+        self._tuners[self._merged].unmerge()
+        self._merged = None
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain base model (original class and size)."""
+        self.merge_adapter()
+        return self._unload_all()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and return the base model exactly as it was (nothing merged)."""
+        if self._merged is not None:
+            raise RuntimeError(
+                f"Adapter {self._merged!r} is merged; unmerge_adapter() first, or use merge_and_unload() to keep it."
+            )
+        return self._unload_all()
+
+    def _unload_all(self) -> nn.Module:
+        for tuner in self._tuners.values():
+            tuner.remove()
+        self._tuners.clear()
+        self.peft_config.clear()
+        self.routing.active, self._merged = None, None
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        return self.base_model
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # --- running ----------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model with the active adapter, or with ``adapter_names[i]`` for row ``i``
+        (``"__base__"`` for no adapter)."""
+        with self._rows(adapter_names):
+            kwargs = self._prepare_inputs(kwargs, for_generate=False)
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._rows(adapter_names):
+            kwargs = self._prepare_inputs(kwargs, for_generate=True)
+            return self.base_model.generate(*args, **kwargs)
+
+    def _prepare_inputs(self, kwargs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+        if not self.routing.enabled or self.routing.rows is not None or self.routing.active is None:
+            return kwargs
+        return self._tuners[self.routing.active].prepare_inputs(kwargs, for_generate=for_generate)
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list with one adapter name (or '__base__') per input row.")
+        if not self.routing.enabled:
+            raise RuntimeError("adapter_names cannot be used inside disable_adapter().")
+        if self._merged is not None:
+            raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before running a mixed batch.")
+        for name in set(adapter_names) - {BASE}:
+            tuner = self._tuner(name)
+            if not tuner.mixed_batch:
+                raise ValueError(f"Adapter {name!r} ({type(tuner.config).__name__}) cannot share a batch with other adapters.")
+        self.routing.set_rows(list(adapter_names))
+        try:
+            yield
+        finally:
+            self.routing.set_rows(None)
+
+    # --- parameter accounting ---------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts; shared (tied) tensors are counted once."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def trainable_parameters_table(self, adapter_name: str | None = None) -> str:
+        """One row per adapted module of an adapter (the active one by default): its tensors and counts."""
+        name = adapter_name or self.routing.active
+        tuner = self._tuner(name)
+        rows: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        marker = f".adapters.{name}."
+        for pname, p in tuner.named_parameters():
+            if marker in pname:
+                module, tensor = pname.split(marker, 1)
+            else:
+                module, _, tensor = pname.rpartition(".")
+            rows.setdefault(module, []).append((tensor, p))
+        width = max([len(m) for m in rows] + [6])
+        lines = [f"{'module':<{width}}  {'tensors':<40}  {'params':>12}", "-" * (width + 56)]
+        total = 0
+        for module, tensors in rows.items():
+            count = sum(p.numel() for _, p in tensors)
+            total += count
+            shapes = ", ".join(f"{t} {tuple(p.shape)}" for t, p in tensors)
+            lines.append(f"{module:<{width}}  {shapes:<40}  {count:>12,d}")
+        adapter_ids = {id(p) for t in self._tuners.values() for _, p in t.named_parameters()}
+        base_total = sum(p.numel() for p in self.parameters() if id(p) not in adapter_ids)
+        lines.append("-" * (width + 56))
+        lines.append(f"{f'adapter {name!r} ({type(tuner.config).__name__})':<{width + 42}}  {total:>12,d}")
+        lines.append(f"{'base model':<{width + 42}}  {base_total:>12,d}")
+        return "\n".join(lines)
+
+    # --- files ------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft``'s layout:
+        ``default`` at the top, other adapters in sub-folders named after them)."""
+        save_directory = Path(save_directory)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise NotADirectoryError(f"{save_directory} exists and is not a directory.")
+        for name in selected_adapters or list(self._tuners):
+            tuner = self._tuner(name)
+            config = tuner.config_dict()
+            config["inference_mode"] = True
+            config["task_type"] = config.get("task_type") or infer_task_type(self.base_model)
+            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or _name_or_path(self.base_model)
+            tensors = tuner.state_dict()
+            save_adapter_files(save_directory if name == "default" else save_directory / name, config, tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "PeftModel":
+        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``."""
+        config, tensors = _read_adapter(model_id, is_trainable)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+        except Exception:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it."""
+        config, tensors = _read_adapter(model_id, is_trainable)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+
+def _read_adapter(path: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    data = load_adapter_config(path)
+    data["inference_mode"] = not is_trainable
+    config = config_from_dict(data, source=str(Path(path) / "adapter_config.json"))
+    return config, load_adapter_tensors(path)
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze ``model`` and attach one trainable adapter described by ``peft_config``."""
+    return PeftModel(model, peft_config, adapter_name)

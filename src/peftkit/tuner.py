@@ -1,0 +1,128 @@
+"""The model-level contract every method implements, and the routing state adapters read.
+
+A :class:`Tuner` is one *named adapter* attached to a model: the LoRA adapter "summarize", the IA3
+adapter "translate", a soft prompt. :class:`peftkit.PeftModel` keeps one per name and only ever talks
+to them through this small interface, so adding a method never means editing the model wrapper.
+
+Layer-level methods (LoRA, IA3, bottleneck adapters) share one implementation of this contract,
+:class:`peftkit.methods.base.LayerTuner`; soft prompts and selective fine-tuning implement it directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+
+if TYPE_CHECKING:
+    from .model import PeftModel
+
+BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+class Routing:
+    """Which adapter runs, shared by every adapter host of one model.
+
+    ``set_adapter`` changes one attribute here, which is why switching adapters costs microseconds.
+    ``rows`` (one adapter name per batch row) is set only for the duration of a mixed-batch call.
+    """
+
+    __slots__ = ("active", "enabled", "rows", "_groups")
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.enabled: bool = True
+        self.rows: list[str] | None = None
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def set_rows(self, rows: list[str] | None) -> None:
+        self.rows = rows
+        self._groups = {}
+
+    def row_groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``[(adapter_name, row_indices), ...]`` for a batch of ``batch_size`` rows.
+
+        A batch may be a whole multiple of ``len(rows)``: generation repeats each row for beams or
+        returned sequences (``repeat_interleave``), so row ``i`` of the request covers rows
+        ``i*k .. i*k+k-1`` of the expanded batch.
+        """
+        key = (batch_size, device)
+        groups = self._groups.get(key)
+        if groups is None:
+            assert self.rows is not None
+            n = len(self.rows)
+            if batch_size % n:
+                raise ValueError(
+                    f"adapter_names has {n} entries but a layer received a batch of {batch_size} rows; "
+                    "give one adapter name per input row."
+                )
+            repeat = batch_size // n
+            by_name: dict[str, list[int]] = {}
+            for i, name in enumerate(self.rows):
+                by_name.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+            groups = [(name, torch.tensor(idx, device=device)) for name, idx in by_name.items()]
+            self._groups[key] = groups
+        return groups
+
+
+class Tuner(ABC):
+    """One named adapter on a model. Subclasses attach themselves in ``__init__``.
+
+    Contract (all a :class:`PeftModel` needs):
+        ``named_parameters()``  the parameters this adapter trains,
+        ``state_dict()`` / ``load_state_dict()``  its tensors under Hugging Face PEFT file keys,
+        ``remove()``  detach it and leave the model as it found it,
+        ``merge()`` / ``unmerge()``  fold into / out of the base weights (``mergeable`` methods only),
+        ``prepare_inputs()``  change the model inputs (soft prompts only),
+        ``config_dict()``  what ``adapter_config.json`` stores.
+    """
+
+    mergeable: ClassVar[bool] = False
+    """Can be folded into the base weights, leaving a model of the original size and latency."""
+    mixed_batch: ClassVar[bool] = False
+    """Can serve some rows of a batch while other rows use another adapter."""
+    exclusive: ClassVar[bool] = False
+    """Changes the base model itself (selective/full fine-tuning): cannot share a model with other adapters."""
+
+    def __init__(self, peft_model: "PeftModel", name: str, config: PeftConfig) -> None:
+        self.peft_model = peft_model
+        self.name = name
+        self.config = config
+
+    @property
+    def model(self) -> nn.Module:
+        """The base model the adapter is attached to."""
+        return self.peft_model.base_model
+
+    @abstractmethod
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters this adapter trains, with their names in the wrapped model."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors, keyed as in the Hugging Face PEFT ``adapter_model.safetensors``."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load tensors keyed as on disk. Checks every key and shape before writing any (nothing half-loaded)."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Detach this adapter from the model."""
+
+    def merge(self) -> None:
+        raise TypeError(f"{type(self.config).__name__} adapters cannot be merged into the base weights.")
+
+    def unmerge(self) -> None:
+        raise TypeError(f"{type(self.config).__name__} adapters cannot be merged into the base weights.")
+
+    def prepare_inputs(self, kwargs: dict[str, Any], for_generate: bool = False) -> dict[str, Any]:
+        """Change the model's keyword inputs before a forward/generate call (soft prompts)."""
+        return kwargs
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
