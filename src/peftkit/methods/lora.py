@@ -31,6 +31,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..inject import Conv1D, get_submodule
 from ..io.keys import HF_PREFIX
+from ..presets import Preset, register_preset
 from ..registry import register
 from .base import AdapterLayer, LayerTuner, ModuleCopy
 
@@ -335,3 +336,11 @@ class LoraTuner(LayerTuner):
 
 
 register(LoraConfig, LoraTuner)
+register_preset(
+    Preset(
+        "lora",
+        lambda o: LoraConfig(r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout, target_modules=o.target_modules),
+        uses=frozenset({"rank", "alpha", "dropout", "target_modules"}),
+        help="LoRA: frozen W plus a trained low-rank update (alpha/r) B A",
+    )
+)
