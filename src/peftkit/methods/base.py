@@ -172,6 +172,9 @@ class LayerTuner(Tuner):
         expected = set(self._layer_state_dict())
         for key, value in tensors.items():
             path, local = self._split_key(key, layers, source)
+            if local.startswith("base_layer."):
+                self._check_base_copy(key, path, local.removeprefix("base_layer."), value, source)
+                continue
             target = layers[path].state_dict(keep_vars=True).get(layers[path].hf_to_local(local))
             if target is None:
                 raise KeyError(f"{source}: {key!r} names no tensor of the adapter at {path!r}.")
@@ -188,6 +191,18 @@ class LayerTuner(Tuner):
         with torch.no_grad():
             for target, value in plan:
                 target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+    def _check_base_copy(self, key: str, path: str, name: str, value: torch.Tensor, source: str) -> None:
+        """``peft`` saves the base weights of adapted embeddings too (``save_embedding_layers``). A copy
+        equal to our base changes nothing; a different one means another vocabulary, which we refuse
+        rather than overwrite the frozen base."""
+        base = get_submodule(self.model, path).state_dict().get(name)
+        if base is None or base.shape != value.shape or not torch.equal(base, value.to(base.dtype)):
+            raise ValueError(
+                f"{source}: {key!r} carries base weights that differ from this model's "
+                f"({tuple(value.shape)} vs {None if base is None else tuple(base.shape)}); the adapter was saved "
+                "with modified embeddings (e.g. added tokens). Load it on the base model it was trained with."
+            )
 
     @staticmethod
     def _split_key(key: str, layers: dict[str, AdapterLayer], source: str) -> tuple[str, str]:
