@@ -101,6 +101,7 @@ def test_summaries(rows):
         assert 1 <= sentences <= 2, f"{row['id']}: {sentences} sentences: {summary!r}"
         assert "#Person1#" in summary, f"{row['id']}: summary never mentions #Person1#"
         assert 8 <= len(summary.split()) <= 60, f"{row['id']}: summary length {len(summary.split())}"
+        assert "#" not in re.sub(r"#Person\d#", "", summary), f"{row['id']}: malformed speaker tag"
         # Every speaker tag the summary uses must be a speaker in the dialogue.
         for tag in set(re.findall(r"#Person\d#", summary)):
             assert f"\n{tag}: " in "\n" + row["dialogue"], f"{row['id']}: summary names absent {tag}"
