@@ -96,13 +96,14 @@ class BottleneckConfig(PeftConfig):
         bottleneck_size: Width ``b`` of the adapter's hidden layer. Each adapter trains about ``2 * d * b``
             parameters for hidden size ``d``: larger sizes fit more, smaller ones train less. Keep it
             below ``d``, or there is no bottleneck.
-        placement: ``"pfeiffer"`` (after each feed-forward block: one adapter per layer, usually as good
-            as Houlsby at half the cost), ``"houlsby"`` (after self-attention and after the feed-forward
+        placement: ``"pfeiffer"`` (after each feed-forward block: one adapter per layer, which Pfeiffer et al.
+            found on par with Houlsby's two), ``"houlsby"`` (after self-attention and after the feed-forward
             block: two per layer), or ``"parallel"`` (beside each feed-forward block, reading its input:
             He et al. find it beats sequential adapters at equal size). With ``target_modules`` set, the
             placement only decides the wiring: sequential (``h + g(h)``) or parallel (``module(x) + g(x)``).
         non_linearity: Activation between the projections: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``.
-            ReLU is the papers' choice; matching the base model's own activation is a common alternative.
+            ReLU is the common default (AdapterHub uses it for Pfeiffer adapters, SiLU/swish for Houlsby ones);
+            the base model's own activation is another natural choice.
         scaling: Multiplies the adapter's output. 1.0 is the classic adapter; He et al. use 4.0 for parallel
             adapters, which acts like a larger learning rate for the up-projection.
         target_modules: Modules whose output the adapter follows (sequential) or runs beside (parallel): a list
