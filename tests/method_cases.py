@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import LoraConfig
+from peftkit import BottleneckConfig, LoraConfig
 from peftkit.config import PeftConfig
 
 
@@ -27,4 +27,13 @@ CASES: dict[str, Case] = {
     "lora_all_linear_rslora": Case(
         lambda arch: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True), True, "LORA"
     ),
+    # One case per placement; bottleneck_size 8 < hidden size 32 of the tiny models.
+    **{
+        f"bottleneck_{placement}": Case(
+            lambda arch, placement=placement: BottleneckConfig(bottleneck_size=8, placement=placement, non_linearity="gelu"),
+            True,
+            "BOTTLENECK",
+        )
+        for placement in ("pfeiffer", "houlsby", "parallel")
+    },
 }

@@ -6,12 +6,14 @@
 
 from . import methods  # noqa: F401  (registers every method)
 from .config import PeftConfig
+from .methods.bottleneck import BottleneckConfig
 from .methods.lora import LoraConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -53,11 +53,8 @@ class AdapterHost(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         base = self.base_layer if not (args or kwargs) else (lambda inp: self.base_layer(inp, *args, **kwargs))
-        groups = [
-            (self.adapters[name], rows)
-            for name, rows in self.routing.row_groups(x.shape[0], x.device)
-            if name != BASE and name in self.adapters
-        ]
+        named = [(name, rows) for name, rows in self.routing.row_groups(x.shape[0], x.device) if name != BASE and name in self.adapters]
+        groups = [(self.adapters[name], rows) for name, rows in named]
         out = base(x)
         if not groups:
             return out
@@ -65,8 +62,9 @@ class AdapterHost(nn.Module):
         batched = getattr(type(layers[0]), "mixed_delta", None)
         if batched is not None and all(type(layer) is type(layers[0]) for layer in layers):
             return out + batched(layers, x, groups).to(out.dtype)  # one batched kernel for all groups
-        for layer, rows in groups:
-            rows_out = layer(x.index_select(0, rows), base)
+        for name, rows in named:
+            with self.routing.only(name):  # hosts nested inside base_layer see these rows as one group
+                rows_out = self.adapters[name](x.index_select(0, rows), base)
             out = out.index_copy(0, rows, rows_out.to(out.dtype))
         return out
 
@@ -116,10 +114,20 @@ def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
-    """Every adapter host with its logical path (the path of the module it wraps)."""
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterHost):
-            yield name, module
+    """Every adapter host with its logical path (the path of the module it wraps). A host may sit inside
+    another host's module (LoRA on ``mlp.down_proj`` while a bottleneck adapter wraps ``mlp``): its path
+    stays ``mlp.down_proj``, without the outer host's ``base_layer``."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, AdapterHost]]:
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, AdapterHost):
+                yield path, child
+                yield from walk(child.base_layer, path)
+            else:
+                yield from walk(child, path)
+
+    yield from walk(model, "")
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -130,7 +138,7 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 def host_for(model: nn.Module, path: str, routing: Routing) -> AdapterHost:
     """The host at ``path``, wrapping the module there first if it has none."""
     parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = get_submodule(model, parent_path)  # inside a host, the module it wraps (not the host itself)
     module = getattr(parent, child)
     if isinstance(module, AdapterHost):
         return module
@@ -142,7 +150,7 @@ def host_for(model: nn.Module, path: str, routing: Routing) -> AdapterHost:
 def release_host(model: nn.Module, path: str) -> None:
     """Put the original module back in place of an (empty) host."""
     parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = get_submodule(model, parent_path)
     host = getattr(parent, child)
     if isinstance(host, AdapterHost):
         setattr(parent, child, host.base_layer)

@@ -10,7 +10,9 @@ Layer-level methods (LoRA, IA3, bottleneck adapters) share one implementation of
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -42,6 +44,18 @@ class Routing:
     def set_rows(self, rows: list[str] | None) -> None:
         self.rows = rows
         self._groups = {}
+
+    @contextlib.contextmanager
+    def only(self, name: str) -> Iterator[None]:
+        """Every row is ``name``'s inside the block. A host that runs one row group through its base module
+        uses it, so that hosts nested in that module (LoRA on ``mlp.down_proj`` inside a host of ``mlp``)
+        treat the sub-batch as that adapter's rows instead of mismatching the full ``rows`` list."""
+        saved = self.rows, self._groups
+        self.rows, self._groups = [name], {}
+        try:
+            yield
+        finally:
+            self.rows, self._groups = saved
 
     def row_groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """``[(adapter_name, row_indices), ...]`` for a batch of ``batch_size`` rows.
