@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from . import lora  # noqa: F401
+from . import dora, full, ia3, lora, selective  # noqa: F401
