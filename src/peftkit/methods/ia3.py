@@ -10,7 +10,8 @@ values are scaled on the layer's *output*, the feed-forward layer on its *input*
 A fresh adapter has ``l = 1`` and changes nothing. Because the scaling is element-wise it folds into
 the weight: ``W' = l_out * W`` (and ``b' = l_out * b``), or ``W' = W * l_in`` (column-wise), so a merged
 adapter adds no latency. :meth:`IA3Linear.weight_scale` (``l`` laid out like the weight) is the single
-source of the math for merge and unmerge. On disk the vector is ``<module path>.ia3_l`` with the shape
+source of the math for merge and unmerge. Unmerging divides by ``l``: exact to float rounding, and
+refused where an entry is 0 (merging erased that row or column). On disk the vector is ``<module path>.ia3_l`` with the shape
 above, exactly as ``peft`` writes it.
 
 (IA)^3 trains very few parameters: on a 32-dim, 2-layer Llama with the default targets, k_proj
