@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import BottleneckConfig, LoraConfig
+from peftkit import BottleneckConfig, FullConfig, IA3Config, LoraConfig, SelectiveConfig
 from peftkit.config import PeftConfig
+from peftkit.methods.selective import BIAS_PATTERNS, NORM_PATTERNS
+
+NO_BIASES = ("t5", "llama")  # architectures whose tiny models have no bias parameter at all
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Case:
     build: Callable[[str], PeftConfig | None]
     noop_at_init: bool  # a fresh adapter leaves outputs unchanged
     peft_type: str
+    restores_base: bool = True  # unload() gives back the base bit for bit; False: it refuses (keeps no copy)
 
 
 CASES: dict[str, Case] = {
@@ -36,4 +40,12 @@ CASES: dict[str, Case] = {
         )
         for placement in ("pfeiffer", "houlsby", "parallel")
     },
+    "dora": Case(lambda arch: LoraConfig(r=4, lora_alpha=8, use_dora=True), noop_at_init=True, peft_type="LORA"),
+    "ia3": Case(lambda arch: IA3Config(), noop_at_init=True, peft_type="IA3"),
+    "bitfit": Case(
+        lambda arch: None if arch in NO_BIASES else SelectiveConfig(patterns=BIAS_PATTERNS), True, "SELECTIVE"
+    ),
+    "norm": Case(lambda arch: SelectiveConfig(patterns=NORM_PATTERNS), noop_at_init=True, peft_type="SELECTIVE"),
+    "last_layer": Case(lambda arch: SelectiveConfig(layers=[-1]), noop_at_init=True, peft_type="SELECTIVE"),
+    "full": Case(lambda arch: FullConfig(), noop_at_init=True, peft_type="FULL", restores_base=False),
 }

@@ -77,10 +77,10 @@ def test_only_adapter_parameters_train_and_base_stays_bit_identical(case, arch):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"loss did not go down: {losses}"
-    if not tuner.exclusive:
-        for n, p in model.named_parameters():
-            if n in frozen_before:
-                assert torch.equal(p, frozen_before[n]), f"frozen parameter {n} changed"
+    # Methods that train base weights (selective, full) name them as their own, so this holds for all.
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"frozen parameter {n} changed"
 
 
 @pytest.mark.parametrize("case,arch", CASE_ARCHS)
@@ -136,6 +136,14 @@ def test_unload_restores_the_base_bit_for_bit(case, arch):
     reference = build(arch)
     model = make(case, arch)
     perturb(model)
+    if not CASES[case].restores_base:
+        # A method that keeps no copy of the base weights must refuse, not hand back trained weights.
+        batch = inputs(arch)
+        before = output(model, batch)
+        with pytest.raises(RuntimeError, match="original weights"):
+            model.unload()
+        assert torch.equal(output(model, batch), before), "a refused unload() must leave the model as it was"
+        return
     plain = model.unload()
     assert type(plain) is type(reference)
     ref_state, state = reference.state_dict(), plain.state_dict()

@@ -7,15 +7,21 @@
 from . import methods  # noqa: F401  (registers every method)
 from .config import PeftConfig
 from .methods.bottleneck import BottleneckConfig
+from .methods.full import FullConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.selective import SelectiveConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BottleneckConfig",
+    "FullConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
+    "SelectiveConfig",
     "get_peft_model",
 ]

@@ -135,12 +135,15 @@ class PeftModel(nn.Module):
         """Run the bare base model inside the ``with`` block."""
         if self._merged is not None:
             raise RuntimeError(f"Adapter {self._merged!r} is merged into the weights; unmerge_adapter() first.")
-        previous = self.routing.enabled
-        self.routing.enabled = False
-        try:
-            yield
-        finally:
-            self.routing.enabled = previous
+        with contextlib.ExitStack() as stack:
+            for tuner in self._tuners.values():  # methods that write into base weights restore them here
+                stack.enter_context(tuner.disabled())
+            previous = self.routing.enabled
+            self.routing.enabled = False
+            try:
+                yield
+            finally:
+                self.routing.enabled = previous
 
     def _tuner(self, adapter_name: str) -> Tuner:
         try:

@@ -92,6 +92,7 @@ class Tuner(ABC):
         ``remove()``  detach it and leave the model as it found it,
         ``merge()`` / ``unmerge()``  fold into / out of the base weights (``mergeable`` methods only),
         ``prepare_inputs()``  change the model inputs (soft prompts only),
+        ``disabled()``  a context in which the model computes as the bare base model,
         ``config_dict()``  what ``adapter_config.json`` stores.
     """
 
@@ -137,6 +138,15 @@ class Tuner(ABC):
     def prepare_inputs(self, kwargs: dict[str, Any], for_generate: bool = False) -> dict[str, Any]:
         """Change the model's keyword inputs before a forward/generate call (soft prompts)."""
         return kwargs
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the model computes as the bare base model (``PeftModel.disable_adapter``).
+
+        Nothing to do for methods that live outside the base weights: ``Routing.enabled`` bypasses their
+        layers and inputs. Methods that train base weights in place swap the originals in (selective) or
+        refuse (full fine-tuning, which keeps no copy).
+        """
+        return contextlib.nullcontext()
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()

@@ -48,8 +48,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors refuses tensors that share memory or are non-contiguous views: store plain copies.
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors refuses tensors that share memory or are non-contiguous views. Copy only those: a full
+    # fine-tuning checkpoint is the whole model, and copying every tensor would double it while saving.
+    plain: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        plain[key] = value
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata or {"format": "pt"}))
 
 

@@ -67,6 +67,9 @@ class LoraConfig(PeftConfig):
         bias: Which biases train too: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of adapted
             layers). Trained biases change the base model and are saved with the adapter.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA), which keeps updates stable at high ranks.
+        use_dora: DoRA (:mod:`peftkit.methods.dora`): also train a magnitude per output row, with ``B A``
+            updating only the direction of ``W``. Closer to full fine-tuning at the same rank, at the
+            cost of a slower forward (it needs ``W`` itself). Linear and ``Conv1D`` layers only.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as a no-op), ``"gaussian"`` (A
             normal with std 1/r, B zero), or ``False`` (random B too: not a no-op; for tests).
         modules_to_save: Modules trained in full and saved with the adapter (e.g. a new classifier head).
@@ -86,6 +89,7 @@ class LoraConfig(PeftConfig):
     exclude_modules: list[str] | str | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -102,6 +106,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.use_dora not in (True, False):
+            raise ValueError(f"LoraConfig: use_dora must be True or False, got {self.use_dora!r}.")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")
         if self.fan_in_fan_out not in (None, True, False):
@@ -285,6 +291,11 @@ class LoraTuner(LayerTuner):
     def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
         c = self.config
         r, alpha = c.rank_and_alpha(path)
+        if c.use_dora and not isinstance(module, (nn.Linear, Conv1D)):
+            raise ValueError(
+                f"LoraConfig(use_dora=True) supports Linear and Conv1D layers, but {path} is a {type(module).__name__}. "
+                "Exclude it with exclude_modules, or narrow target_modules."
+            )
         if isinstance(module, nn.Embedding):
             return LoraEmbedding(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights)
         if isinstance(module, nn.Conv2d):
@@ -295,6 +306,10 @@ class LoraTuner(LayerTuner):
                 f"LoraConfig: fan_in_fan_out={c.fan_in_fan_out} but {path} is a {type(module).__name__}, whose weight is "
                 f"stored {'(in, out)' if transposed else '(out, in)'}. Leave fan_in_fan_out=None to decide per layer."
             )
+        if c.use_dora:
+            from .dora import DoraLinear  # dora.py builds on LoraLinear, so it imports this module, not the reverse
+
+            return DoraLinear(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights, transposed)
         return LoraLinear(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights, transposed)
 
     def config_dict(self) -> dict:

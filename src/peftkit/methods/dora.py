@@ -1,0 +1,102 @@
+r"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, https://arxiv.org/abs/2402.09353).
+
+Selected with ``LoraConfig(use_dora=True)``. The adapted weight is split into a magnitude (one number
+per output row) and a direction; LoRA's ``B A`` updates the direction and the magnitude ``m`` is
+trained on its own::
+
+    W' = m * (W + s B A) / ||W + s B A||_row        m: (d,), s = alpha / r, norms row-wise over k
+
+    h = W' x + b = base(x) + (m/n - 1) * (W x) + (m/n) * s B A x,     n = ||W + s B A||_row
+
+``m`` starts at ``||W||_row`` and ``B`` at zero, so a fresh adapter is a no-op. As in the paper
+(section 4.3) and in ``peft``, ``n`` is treated as a constant in the backward pass (detached), which
+saves memory and hardly changes the result.
+
+Merging writes ``W'`` into the base weight; unmerging needs ``n`` as it was before the merge (the
+merged weight's row norms are just ``|m|``), so :meth:`DoraLinear.merge` keeps that one vector
+(d floats) until :meth:`DoraLinear.unmerge`. Both go through the LoRA layer's ``delta_weight()``
+(``s B A``). On disk the magnitude is ``<module path>.lora_magnitude_vector`` with shape (d,), next
+to ``lora_A.weight`` and ``lora_B.weight``, exactly as ``peft`` writes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..presets import Preset, register_preset
+from .lora import LoraConfig, LoraLinear, _match_input_dtype
+
+
+class DoraLinear(LoraLinear):
+    """DoRA on ``nn.Linear`` (weight d x k) or GPT-2 ``Conv1D`` (weight stored k x d).
+
+    ``forward(x, base)``: x (..., k) -> (..., d). Needs the base weight itself (for ``W x`` and the
+    row norms), so it keeps a reference to the base module outside the module tree (no second copy
+    in ``state_dict()`` or ``parameters()``).
+    """
+
+    additive = False
+    mixed_delta = None  # LoRA's batched kernel only knows B A x; a mixed batch runs each group through forward
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, init, fan_in_fan_out: bool):
+        super().__init__(base, r, alpha, dropout, rslora, init, fan_in_fan_out)
+        object.__setattr__(self, "base_module", base)  # a plain reference: not registered as a submodule
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base.weight.to(self.lora_A.weight.dtype)))
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def base_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as (d, k), whatever its storage layout."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s B A||`` per output row, (d,), detached (a constant for the backward pass)."""
+        return torch.linalg.norm(self.base_weight(weight + self.delta_weight().detach()), dim=1).detach()
+
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        out = base(x)  # (..., d), W x + b
+        weight = self.base_module.weight
+        lora_weight = self.lora_A.weight
+        scale = self.lora_magnitude_vector / self.weight_norm(weight.to(lora_weight.dtype))  # (d,)
+        x = _match_input_dtype(x, lora_weight)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_module, "bias", None)
+            w_x = out if bias is None else out - bias  # reuse the base output rather than a second matmul
+        else:
+            x = self.lora_dropout(x)  # dropout applies to both terms, so W x is recomputed on the dropped input
+            w_x = F.linear(x, self.base_weight(weight).to(x.dtype))
+        lora = self.lora_B(self.lora_A(x)) * self.scaling
+        return out + ((scale - 1) * w_x + scale * lora).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        norm = self.weight_norm(weight.to(self.lora_A.weight.dtype))
+        factor = (self.lora_magnitude_vector / norm).view(-1, 1)  # (d, 1): scales rows of the (d, k) weight
+        factor = factor.T if self.fan_in_fan_out else factor
+        weight.data = (factor * (weight.data + self.delta_weight())).to(weight.dtype)
+        self.merged_norm = norm
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        if self.merged_norm is None:
+            raise RuntimeError("DoRA layer is not merged: there is nothing to unmerge.")
+        weight = base_layer.weight
+        factor = (self.lora_magnitude_vector / self.merged_norm).view(-1, 1)
+        factor = factor.T if self.fan_in_fan_out else factor
+        weight.data = (weight.data / factor - self.delta_weight()).to(weight.dtype)
+        self.merged_norm = None
+
+
+register_preset(
+    Preset(
+        "dora",
+        lambda o: LoraConfig(
+            r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout, target_modules=o.target_modules, use_dora=True
+        ),
+        uses=frozenset({"rank", "alpha", "dropout", "target_modules"}),
+        help="DoRA: LoRA on the direction of W plus a trained magnitude per output row",
+    )
+)

@@ -1,0 +1,121 @@
+"""Full fine-tuning through the same entry point as the adapters, so a comparison runs one code path.
+
+``get_peft_model(model, FullConfig())`` makes every parameter of ``model`` trainable and nothing is
+added: ``h = W' x`` with every ``W'`` trained. The point is the baseline: the training loop,
+evaluation and reports call the same ``PeftModel`` API whether the method is LoRA or full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from ..io.keys import HF_PREFIX
+from ..presets import Preset, register_preset
+from ..registry import register
+from ..tuner import Tuner
+
+
+@dataclass
+class FullConfig(PeftConfig):
+    """Full fine-tuning: every parameter of the model trains. It has no options of its own.
+
+    What the adapter operations mean here (decided for memory: a 135M-parameter model is 540 MB in
+    fp32, and AdamW already adds two more copies of it as optimizer state, so a fourth copy of the
+    original weights is not kept):
+
+    * ``save_pretrained`` writes every parameter (tied ones once) to ``adapter_model.safetensors``
+      under ``base_model.model.<name>``, with ``peft_type: "FULL"``: a complete model, so
+      ``PeftModel.from_pretrained(base, dir)`` overwrites all of ``base``. For a plain transformers
+      checkpoint use ``merge_and_unload().save_pretrained(dir)``.
+    * ``merge_adapter`` / ``merge_and_unload`` have nothing to fold in (the trained weights are the
+      model): ``merge_and_unload()`` returns the trained model itself.
+    * ``unload()``, ``delete_adapter()`` and ``disable_adapter()`` would need the original weights.
+      They work while no weight has changed since the model was wrapped, and are refused with an error
+      afterwards rather than silently returning trained weights as "the base model".
+    """
+
+    peft_type: ClassVar[str] = "FULL"
+
+
+class FullTuner(Tuner):
+    """Every base parameter trains in place; no copy of the originals is kept (see :class:`FullConfig`)."""
+
+    exclusive = True
+    mergeable = True
+
+    def __init__(self, peft_model, name: str, config: FullConfig) -> None:
+        super().__init__(peft_model, name, config)
+        self.params = dict(self.model.named_parameters())  # tied weights appear once
+        # Every in-place write (optimizer step, copy_, add_) bumps a tensor's version counter: equal
+        # counters mean the weights are still the base model's, which is all unload() needs to know.
+        self._versions = {n: p._version for n, p in self.params.items()}
+        self.merged = False
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.params.items())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {HF_PREFIX + n: p.detach() for n, p in self.params.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        own = self.state_dict()
+        unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+        if unknown or missing:
+            raise KeyError(
+                f"{source}: a full fine-tuning file must hold every parameter of the model "
+                f"(unknown here: {unknown[:3]}, missing from the file: {missing[:3]}). Was it saved from a different model?"
+            )
+        for key, value in tensors.items():
+            if value.shape != own[key].shape:
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
+                    "(a different base model?)."
+                )
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
+
+    def _changed(self) -> list[str]:
+        return [n for n, p in self.params.items() if p._version != self._versions[n]]
+
+    def _refuse_if_changed(self, what: str) -> None:
+        changed = self._changed()
+        if changed:
+            raise RuntimeError(
+                f"{what} needs the base model's original weights, but full fine-tuning has changed "
+                f"{len(changed)} of {len(self.params)} tensors (e.g. {changed[0]}) and keeps no copy (it would "
+                "cost a whole model of memory). Use merge_and_unload() to keep the trained model, or load the base "
+                "model again for its outputs."
+            )
+
+    def disabled(self):
+        self._refuse_if_changed("disable_adapter()")
+        return super().disabled()
+
+    def merge(self) -> None:
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False
+
+    def remove(self) -> None:
+        if not self.merged:
+            self._refuse_if_changed("unload() / delete_adapter()")
+        for p in self.params.values():
+            p.requires_grad_(False)
+
+
+register(FullConfig, FullTuner)
+register_preset(
+    Preset(
+        "full",
+        lambda o: FullConfig(),
+        help="Full fine-tuning: every parameter trains (the baseline the PEFT methods are compared with)",
+        saves_full_model=True,
+    )
+)
