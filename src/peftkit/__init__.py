@@ -7,6 +7,9 @@
 from . import methods  # noqa: F401  (registers every method)
 from .config import PeftConfig
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoderConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
@@ -15,5 +18,8 @@ __all__ = [
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "get_peft_model",
 ]

@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from . import lora  # noqa: F401
+from . import lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401
