@@ -418,3 +418,23 @@ def test_presets_build_the_configs():
     assert build_config("p_tuning", MethodOptions()).encoder_hidden_size == 128
     with pytest.raises(ValueError, match="does not use option"):
         build_config("prefix_tuning", MethodOptions(init_text=TEXT))
+
+
+def test_positional_arguments_are_bound_to_parameter_names():
+    from peftkit.model import _keyword_inputs
+
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        pass
+
+    assert _keyword_inputs(forward, (1, 2), {"labels": 3}) == ((), {"input_ids": 1, "attention_mask": 2, "labels": 3})
+    with pytest.raises(TypeError, match="multiple values for input_ids"):
+        _keyword_inputs(forward, (1,), {"input_ids": 1})
+
+    def star(x, *rest):
+        pass
+
+    assert _keyword_inputs(star, (1, 2), {}) == ((1, 2), {})  # left positional: the call behaves as before
+    lora = get_peft_model(build("gpt2"), LoraConfig(r=2, init_lora_weights=False))
+    ids = inputs("gpt2")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(lora(ids).logits, lora(input_ids=ids).logits)

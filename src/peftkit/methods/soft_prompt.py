@@ -105,8 +105,8 @@ def model_shape(model: nn.Module, config: PromptLearningConfig) -> ModelShape:
     if task not in SUPPORTED_TASKS or inferred not in SUPPORTED_TASKS:
         raise ValueError(
             f"{method}: peftkit's soft prompts support causal LMs and encoder-decoder LMs (task_type CAUSAL_LM or "
-            f"SEQ_2_SEQ_LM); {type(model).__name__} is a {inferred or 'non-transformers'} model. Use a method that "
-            "adapts layers (LoRA, IA3, ...) for encoder-only models."
+            f"SEQ_2_SEQ_LM), not encoder-only models such as BERT or classification heads; {type(model).__name__} is a "
+            f"{inferred or 'non-transformers'} model. Use a method that adapts layers (LoRA, IA3, ...) for it."
         )
     if task != inferred:
         raise ValueError(f"{method}: task_type={task!r} but {type(model).__name__} is a {inferred} model; set task_type=None to infer it.")
@@ -187,6 +187,8 @@ class SoftPromptTuner(Tuner):
     mergeable = False
     mixed_batch = False
     container: ClassVar[str] = "prompt_encoder"
+    checked_fields: ClassVar[tuple[str, ...]] = ("token_dim",)
+    """Resolved fields that a config/file may set but must then agree with the model."""
 
     def __init__(self, peft_model, name: str, config: PromptLearningConfig) -> None:
         super().__init__(peft_model, name, config)
@@ -198,9 +200,6 @@ class SoftPromptTuner(Tuner):
         if self.container not in peft_model._modules:
             peft_model.add_module(self.container, nn.ModuleDict())
         peft_model._modules[self.container][name] = tokens
-
-    checked_fields: ClassVar[tuple[str, ...]] = ("token_dim",)
-    """Resolved fields that a config/file may set but must then agree with the model."""
 
     # --- what a method provides -----------------------------------------------------------------------
     def resolve(self) -> dict[str, Any]:
