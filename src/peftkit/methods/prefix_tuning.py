@@ -152,6 +152,6 @@ register_preset(
         "prefix_tuning",
         lambda o: PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size),
         uses=frozenset({"num_virtual_tokens", "encoder_hidden_size"}),
-        help="prefix tuning: trained key/value prefixes in every attention layer (MLP reparameterization optional)",
+        help="prefix tuning: trained key/value prefixes in every (decoder) self-attention layer; optional MLP, folded on save",
     )
 )
