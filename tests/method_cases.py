@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import BottleneckConfig, FullConfig, IA3Config, LoraConfig, SelectiveConfig
+from peftkit import (
+    BottleneckConfig,
+    FullConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    SelectiveConfig,
+)
 from peftkit.config import PeftConfig
 from peftkit.methods.selective import BIAS_PATTERNS, NORM_PATTERNS
 
@@ -24,6 +33,11 @@ class Case:
     noop_at_init: bool  # a fresh adapter leaves outputs unchanged
     peft_type: str
     restores_base: bool = True  # unload() gives back the base bit for bit; False: it refuses (keeps no copy)
+
+
+def _lm_only(make: Callable[[], PeftConfig]) -> Callable[[str], PeftConfig | None]:
+    """Soft prompts support causal and encoder-decoder LMs; they refuse encoder-only models (BERT)."""
+    return lambda arch: None if arch == "bert" else make()
 
 
 CASES: dict[str, Case] = {
@@ -48,4 +62,10 @@ CASES: dict[str, Case] = {
     "norm": Case(lambda arch: SelectiveConfig(patterns=NORM_PATTERNS), noop_at_init=True, peft_type="SELECTIVE"),
     "last_layer": Case(lambda arch: SelectiveConfig(layers=[-1]), noop_at_init=True, peft_type="SELECTIVE"),
     "full": Case(lambda arch: FullConfig(), noop_at_init=True, peft_type="FULL", restores_base=False),
+    "prompt_tuning": Case(_lm_only(lambda: PromptTuningConfig(num_virtual_tokens=4)), False, "PROMPT_TUNING"),
+    "prefix_tuning": Case(_lm_only(lambda: PrefixTuningConfig(num_virtual_tokens=4)), False, "PREFIX_TUNING"),
+    "prefix_tuning_mlp": Case(
+        _lm_only(lambda: PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16)), False, "PREFIX_TUNING"
+    ),
+    "p_tuning": Case(_lm_only(lambda: PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16)), False, "P_TUNING"),
 }

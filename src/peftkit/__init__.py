@@ -10,6 +10,9 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.full import FullConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoderConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .methods.selective import SelectiveConfig
 from .model import PeftModel, get_peft_model
 
@@ -22,6 +25,9 @@ __all__ = [
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "SelectiveConfig",
     "get_peft_model",
 ]

@@ -8,6 +8,7 @@ method-specific lives in the method's own file.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,18 +199,29 @@ class PeftModel(nn.Module):
         """Run the base model with the active adapter, or with ``adapter_names[i]`` for row ``i``
         (``"__base__"`` for no adapter)."""
         with self._rows(adapter_names):
-            kwargs = self._prepare_inputs(kwargs, for_generate=False)
+            args, kwargs = self._prepare_inputs(self.base_model.forward, args, kwargs, for_generate=False)
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         with self._rows(adapter_names):
-            kwargs = self._prepare_inputs(kwargs, for_generate=True)
+            args, kwargs = self._prepare_inputs(self.base_model.generate, args, kwargs, for_generate=True)
             return self.base_model.generate(*args, **kwargs)
 
-    def _prepare_inputs(self, kwargs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+    def _prepare_inputs(
+        self, fn: Any, args: tuple, kwargs: dict[str, Any], for_generate: bool
+    ) -> tuple[tuple, dict[str, Any]]:
+        """Let the active adapter change the inputs (soft prompts add virtual tokens). It sees every input
+        by name: positional arguments are bound to ``fn``'s parameter names first."""
         if not self.routing.enabled or self.routing.rows is not None or self.routing.active is None:
-            return kwargs
-        return self._tuners[self.routing.active].prepare_inputs(kwargs, for_generate=for_generate)
+            return args, kwargs
+        args, kwargs = _keyword_inputs(fn, args, kwargs)
+        if for_generate and kwargs.get("inputs") is not None:
+            # generate's first parameter is the model's main input, whatever its name; name it as forward does.
+            main = getattr(self.base_model, "main_input_name", "input_ids")
+            if kwargs.get(main) is not None:
+                raise ValueError(f"generate() got both `inputs` and `{main}`; pass one.")
+            kwargs[main] = kwargs.pop("inputs")
+        return args, self._tuners[self.routing.active].prepare_inputs(kwargs, for_generate=for_generate)
 
     @contextlib.contextmanager
     def _rows(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -311,6 +323,26 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+
+def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``fn(*args, **kwargs)`` as ``fn(**kwargs)``: positional arguments named after ``fn``'s parameters.
+    Left as they are when ``fn`` takes them positionally only (``*args``), so the call behaves as before."""
+    if not args:
+        return args, kwargs
+    names = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL):
+            return args, kwargs
+        if p.kind == p.POSITIONAL_OR_KEYWORD:
+            names.append(p.name)
+    if len(args) > len(names):
+        return args, kwargs
+    bound = dict(zip(names, args))
+    twice = sorted(set(bound) & set(kwargs))
+    if twice:
+        raise TypeError(f"{getattr(fn, '__name__', 'forward')}() got multiple values for {', '.join(twice)}.")
+    return (), {**bound, **kwargs}
 
 
 def _read_adapter(path: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
