@@ -245,3 +245,33 @@ def test_modules_to_save_trains_a_copy_and_merges_into_the_original():
         assert not torch.allclose(output(model, batch), changed)
     plain = model.merge_and_unload()
     torch.testing.assert_close(output(plain, batch), changed, rtol=1e-4, atol=1e-5)
+
+
+def test_trained_biases_are_hidden_by_disable_restored_by_unload_and_kept_by_merge():
+    batch = inputs("gpt2")
+    reference = output(build("gpt2"), batch)
+    model = get_peft_model(build("gpt2"), LoraConfig(r=4, bias="all"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith(".bias"):
+                p.add_(0.1)
+    trained = output(model, batch)
+    assert not torch.allclose(trained, reference)
+    with model.disable_adapter():
+        torch.testing.assert_close(output(model, batch), reference, rtol=0, atol=0)
+    torch.testing.assert_close(output(model, batch), trained, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot share a model"):
+        model.add_adapter("other", LoraConfig(r=2))
+    with pytest.raises(ValueError, match="cannot share a batch"):
+        model(**batch, adapter_names=["default", "__base__"])
+    plain = model.unload()
+    for (n, a), b in zip(build("gpt2").state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), n
+
+    model = get_peft_model(build("gpt2"), LoraConfig(r=4, bias="lora_only"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith(".bias"):
+                p.add_(0.1)
+    trained = output(model, batch)
+    torch.testing.assert_close(output(model.merge_and_unload(), batch), trained, rtol=1e-5, atol=1e-5)

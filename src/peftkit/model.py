@@ -93,7 +93,7 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a peftkit config (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}.")
         tuner_class = tuner_for(peft_config)
-        if self._tuners and (tuner_class.exclusive or any(t.exclusive for t in self._tuners.values())):
+        if self._tuners and (tuner_class.is_exclusive(peft_config) or any(t.is_exclusive(t.config) for t in self._tuners.values())):
             raise ValueError(
                 f"{type(peft_config).__name__} cannot share a model with adapter(s) {list(self._tuners)}: methods that "
                 "train the base weights themselves (selective, full) need a model of their own."

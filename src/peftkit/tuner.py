@@ -103,6 +103,11 @@ class Tuner(ABC):
     exclusive: ClassVar[bool] = False
     """Changes the base model itself (selective/full fine-tuning): cannot share a model with other adapters."""
 
+    @classmethod
+    def is_exclusive(cls, config: PeftConfig) -> bool:
+        """Whether an adapter with this config changes the base model itself (and so needs it alone)."""
+        return cls.exclusive
+
     def __init__(self, peft_model: "PeftModel", name: str, config: PeftConfig) -> None:
         self.peft_model = peft_model
         self.name = name

@@ -19,8 +19,10 @@ A 512 x 64 weight with r = 8 trains 8*64 + 512*8 = 4,608 parameters instead of 3
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -319,6 +321,35 @@ class LoraTuner(LayerTuner):
         return d
 
     # --- bias="all" / "lora_only": base biases that train (and are saved) with the adapter -----------
+    # Trained biases live in the base model, so such an adapter needs the model to itself, cannot serve
+    # some rows of a mixed batch, and keeps the original biases to show (disable) or restore (unload).
+    @classmethod
+    def is_exclusive(cls, config: LoraConfig) -> bool:
+        return config.bias != "none"
+
+    def __init__(self, peft_model, name: str, config: LoraConfig) -> None:
+        super().__init__(peft_model, name, config)
+        self.mixed_batch = config.bias == "none"
+        self._bias_originals = {n: p.detach().clone() for n, p in self._biases().items()}
+
+    def _swap_biases(self) -> None:
+        for n, p in self._biases().items():
+            p.data, self._bias_originals[n] = self._bias_originals[n], p.data
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        self._swap_biases()
+        try:
+            yield
+        finally:
+            self._swap_biases()
+
+    def remove(self) -> None:
+        if not self.merged:  # merge_and_unload keeps the trained biases; unload restores the originals
+            self._swap_biases()
+        self._bias_originals.clear()
+        super().remove()
+
     def _biases(self) -> dict[str, nn.Parameter]:
         if self.config.bias == "none":
             return {}
