@@ -174,3 +174,24 @@ def test_wrapping_a_peft_model_twice_is_refused():
     model = get_peft_model(build("llama"), LoraConfig())
     with pytest.raises(TypeError, match="already a PeftModel"):
         get_peft_model(model, LoraConfig())
+
+
+def test_batched_mixed_lora_kernel_equals_the_per_group_loop_and_sees_weight_updates():
+    model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False))
+    for i in range(7):
+        model.add_adapter(f"a{i}", LoraConfig(r=4, lora_alpha=4 + i, init_lora_weights=False))
+    names = ["default", "__base__"] + [f"a{i}" for i in range(7)] + ["a3"]
+    batch = inputs("llama", batch=len(names))
+    with torch.no_grad():
+        fast = model(**batch, adapter_names=names).logits  # batched gather + bmm
+    with torch.enable_grad():
+        slow = model(**batch, adapter_names=names).logits.detach()  # per-group loop
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+    layer = model.base_model.model.layers[0].self_attn.q_proj.adapters["a3"]
+    with torch.no_grad():
+        layer.lora_B.weight.add_(1.0)  # the cached stack must notice
+        updated = model(**batch, adapter_names=names).logits
+    slow_updated = model(**batch, adapter_names=names).logits.detach()
+    assert not torch.allclose(updated, fast)
+    torch.testing.assert_close(updated, slow_updated, rtol=1e-5, atol=1e-5)

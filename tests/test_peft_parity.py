@@ -46,7 +46,7 @@ def test_peftkit_adapter_loads_in_peft_with_equal_outputs(arch, variant, tmp_pat
     ours = output(model, batch)
     model.save_pretrained(tmp_path)
     reference = peft.PeftModel.from_pretrained(build(arch), tmp_path)
-    torch.testing.assert_close(output(reference, batch), ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(reference, batch), ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -58,7 +58,7 @@ def test_peft_adapter_loads_in_peftkit_with_equal_outputs(arch, variant, tmp_pat
     theirs = output(reference, batch)
     reference.save_pretrained(tmp_path)
     model = PeftModel.from_pretrained(build(arch), tmp_path)
-    torch.testing.assert_close(output(model, batch), theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(model, batch), theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_files_have_the_same_keys_shapes_and_config_fields_as_peft(tmp_path):
@@ -88,7 +88,7 @@ def test_named_adapters_in_subfolders_load_in_peft(tmp_path):
     reference = peft.PeftModel.from_pretrained(build("llama"), tmp_path)
     reference.load_adapter(tmp_path / "second", adapter_name="second")
     reference.set_adapter("second")
-    torch.testing.assert_close(output(reference, batch), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(reference, batch), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra", [dict(target_modules=["embed_tokens", "q_proj"]), dict(modules_to_save=["lm_head"])])
@@ -103,7 +103,7 @@ def test_embeddings_and_modules_to_save_move_both_ways(extra, tmp_path):
     ours = output(model, batch)
     model.save_pretrained(tmp_path / "ours")
     reference = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "ours")
-    torch.testing.assert_close(output(reference, batch), ours, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(reference, batch), ours, rtol=1e-5, atol=1e-5)
 
     reference = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, **extra))
     _randomize(reference)
@@ -114,7 +114,7 @@ def test_embeddings_and_modules_to_save_move_both_ways(extra, tmp_path):
     theirs = output(reference, batch)
     reference.save_pretrained(tmp_path / "theirs")
     model = PeftModel.from_pretrained(build("llama"), tmp_path / "theirs")
-    torch.testing.assert_close(output(model, batch), theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(model, batch), theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])

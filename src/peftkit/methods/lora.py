@@ -180,9 +180,22 @@ class LoraLinear(AdapterLayer):
         if init in (True, "gaussian"):
             nn.init.zeros_(self.lora_B.weight)
 
+    def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        # Same math as ``base(x) + delta(x)`` in three kernels (linear, linear, add with alpha): an
+        # unmerged adapter at decode time is dominated by per-op overhead, not FLOPs.
+        out = base(x)
+        lora = self._lora_product(x)
+        return torch.add(out, lora.to(out.dtype), alpha=self.scaling)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lora_product(x) * self.scaling
+
+    def _lora_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``B A dropout(x)`` without the scaling: (..., k) -> (..., d)."""
         x = _match_input_dtype(x, self.lora_A.weight)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if not isinstance(self.lora_dropout, nn.Identity):
+            x = self.lora_dropout(x)
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout: (d, k), or (k, d) for fan_in_fan_out."""
@@ -199,14 +212,46 @@ class LoraLinear(AdapterLayer):
 
     @staticmethod
     def mixed_delta(layers: list["LoraLinear"], x: torch.Tensor, groups) -> torch.Tensor:
-        """Deltas for a mixed batch: row group ``rows`` gets ``layers[i].delta(x[rows])``, other rows 0."""
-        out = None
-        for layer, rows in zip(layers, (rows for _, rows in groups)):
-            part = layer.delta(x.index_select(0, rows))
-            if out is None:
-                out = part.new_zeros(x.shape[:-1] + part.shape[-1:])
-            out = out.index_add(0, rows, part)
-        return out
+        """Deltas for a mixed batch: the rows in ``groups[i]`` get ``layers[i].delta(x[rows])``, others 0.
+
+        For inference with equal ranks this is one gathered batched matmul pair, as in Punica/S-LoRA:
+        A_rows = A[index] (B, r, k), B_rows = (s B)[index] (B, d, r); delta = (x A_rows^T) B_rows^T.
+        Otherwise (training, mixed ranks, active dropout) it loops over the groups.
+        """
+        ranks = {layer.r for layer in layers}
+        batched = len(ranks) == 1 and not torch.is_grad_enabled() and all(
+            isinstance(layer.lora_dropout, nn.Identity) or not layer.training for layer in layers
+        )
+        if not batched:
+            out = None
+            for layer, (_, rows) in zip(layers, groups):
+                part = layer.delta(x.index_select(0, rows))
+                out = part.new_zeros(x.shape[:-1] + part.shape[-1:]) if out is None else out
+                out = out.index_add(0, rows, part)
+            return out
+        a, b = _stacked(layers)  # (n + 1, r, k), (n + 1, d, r); the last entry is zero (rows without adapter)
+        index = torch.full((x.shape[0],), len(layers), dtype=torch.long, device=x.device)
+        for i, (_, rows) in enumerate(groups):
+            index[rows] = i
+        x3 = _match_input_dtype(x, a).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, k)
+        xa = torch.bmm(x3, a.index_select(0, index).transpose(1, 2))  # (B, T, r)
+        out = torch.bmm(xa, b.index_select(0, index).transpose(1, 2))  # (B, T, d)
+        return out.reshape(x.shape[:-1] + (b.shape[1],))
+
+
+def _stacked(layers: list[LoraLinear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked ``A`` and ``scaling * B`` of several same-rank layers plus a zero entry, cached on the
+    first layer until any of the weights changes (``_version`` counts in-place updates)."""
+    key = tuple((id(l), l.lora_A.weight._version, l.lora_B.weight._version, l.scaling) for l in layers)
+    cached = getattr(layers[0], "_stack_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a = torch.stack([l.lora_A.weight for l in layers])
+    b = torch.stack([l.lora_B.weight * l.scaling for l in layers])
+    a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])
+    b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])
+    object.__setattr__(layers[0], "_stack_cache", (key, a, b))  # a plain attribute, not a buffer
+    return a, b
 
 
 class LoraEmbedding(AdapterLayer):
