@@ -156,6 +156,7 @@ class Engine:
         self._rows: list[Request] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cached columns), 1 = real token
+        self._admitted: list[Request] = []  # admitted this step (failed together with the batch on an error)
         self.counters = dict(steps=0, prefills=0, tokens=0, joins=0, mixed_steps=0, max_rows=0,
                              max_adapters_in_step=0, finished=0, aborted=0, errors=0)
 
@@ -318,22 +319,25 @@ class Engine:
                 if self._paused or not (self._rows or self._waiting):
                     continue
                 self._in_step = True
-            admitted: list[Request] = []
             try:
                 with torch.inference_mode():
-                    admitted = self._admit()
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._rows:
-                        self._decode()
+                    self._step()
             except Exception as e:  # e.g. out of memory: fail this batch, keep serving
-                self._fail([*self._rows, *(r for r in admitted if r not in self._rows)], e)
+                self._fail([*self._rows, *(r for r in self._admitted if r not in self._rows)], e)
             finally:
                 with self._cond:
                     self._in_step = False
                     self._cond.notify_all()
             if self._unloading:
                 self._finish_unloads()
+
+    def _step(self) -> None:
+        """Admit and prefill waiting requests, then one decoding step for every running row."""
+        self._admitted = self._admit()
+        if self._admitted:
+            self._prefill(self._admitted)
+        if self._rows:
+            self._decode()
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
