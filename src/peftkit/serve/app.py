@@ -16,6 +16,7 @@ import logging
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -332,4 +333,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if not server.started:
+        print("peftkit serve: error: the server did not start (see the log above).", file=sys.stderr)
+        return 1
     return 0

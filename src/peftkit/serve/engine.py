@@ -14,6 +14,7 @@ adapter methods; results come back through each request's ``emit`` callback.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import random
@@ -126,7 +127,9 @@ class Engine:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}.")
         self.model = model
-        self.tokenizer = tokenizer
+        # A private copy: the HTTP side encodes with its own tokenizer in other threads, and a fast
+        # tokenizer must not be used from two threads at once.
+        self.tokenizer = copy.deepcopy(tokenizer)
         base = model.get_base_model() if isinstance(model, PeftModel) else model
         config = base.config
         if getattr(config, "is_encoder_decoder", False):
