@@ -169,3 +169,20 @@ def build_server(model_dir: Path, adapters: dict[str, Path], **options):
 
     config = ServeConfig(model=str(model_dir), adapters={n: str(p) for n, p in adapters.items()}, **options)
     return build(config)
+
+
+@contextlib.contextmanager
+def slow_steps(engine, seconds: float = 0.02):
+    """Make every engine step take at least ``seconds`` longer, so that a request the test has just seen
+    start is still running a moment later even on a loaded machine (the outputs do not change)."""
+    step = engine._step
+
+    def slow():
+        step()
+        time.sleep(seconds)
+
+    engine._step = slow
+    try:
+        yield
+    finally:
+        del engine._step  # back to the class's method

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_utils import ADAPTERS, CONTEXT, LiveServer, Offline, build_server, make_model_dir, paused, wait_until
+from serve_utils import ADAPTERS, CONTEXT, LiveServer, Offline, build_server, make_model_dir, paused, slow_steps, wait_until
 
 KEY = "test-key"
 PROMPTS = ["hello world", "the cat sat on the mat and ran to the park", "summarize this text please", "red",
@@ -135,16 +135,16 @@ def test_a_request_joining_a_running_batch_gets_its_offline_output(live, client,
     """B arrives while A is mid-generation: B's prompt (different length, different adapter) is
     prefilled and its cache merged into A's running batch; both must match their offline outputs."""
     joins = live.engine.stats()["joins"]
-    stream = client.completions.create(model="alpha", prompt=PROMPTS[5], max_tokens=60, temperature=0, stream=True)
-    first = next(iter(stream))
     result = {}
-    with ThreadPoolExecutor(1) as pool:
+    with slow_steps(live.engine), ThreadPoolExecutor(1) as pool:
+        stream = client.completions.create(model="alpha", prompt=PROMPTS[5], max_tokens=60, temperature=0, stream=True)
+        first = next(iter(stream))
         with paused(live.engine):
             future = pool.submit(client.completions.create, model="gamma", prompt=PROMPTS[3], max_tokens=20, temperature=0)
             wait_until(lambda: live.engine.stats()["waiting"] == 1, what="B queued")
             assert live.engine.stats()["running"] == 1  # A is still generating
         result["b"] = future.result().choices[0].text
-    result["a"] = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+        result["a"] = first.choices[0].text + "".join(c.choices[0].text for c in stream)
     assert live.engine.stats()["joins"] == joins + 1
     assert result["a"] == offline.completion("alpha", PROMPTS[5], 60)
     assert result["b"] == offline.completion("gamma", PROMPTS[3], 20)
@@ -247,12 +247,16 @@ def test_a_client_that_disconnects_frees_its_slot(live, client):
     engine = live.engine
     aborted = engine.stats()["aborted"]
     # Streaming: the client reads one chunk and hangs up while the request is running.
-    stream = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=80, temperature=0, stream=True)
-    next(iter(stream))
-    with paused(engine):
+    with slow_steps(engine):
+        stream = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=80, temperature=0, stream=True)
+        next(iter(stream))
+        engine.pause()
+    try:
         assert engine.stats()["running"] == 1
         stream.close()
         wait_until(lambda: engine.stats()["running"] == 0, what="the slot to be freed")
+    finally:
+        engine.resume()
     assert engine.stats()["aborted"] == aborted + 1
     # Not streaming: the client gives up while its request waits for a slot.
     with paused(engine):
@@ -289,9 +293,9 @@ def test_load_and_unload_adapters_at_run_time(live, client, files, offline):
 
 def test_unloading_waits_for_the_adapters_running_requests(live, client, offline):
     client.post("/load_lora_adapter", body={"lora_name": "beta-2", "lora_path": "beta"}, cast_to=httpx.Response)
-    stream = client.completions.create(model="beta-2", prompt=PROMPTS[1], max_tokens=40, temperature=0, stream=True)
-    text = next(iter(stream)).choices[0].text
-    with ThreadPoolExecutor(1) as pool:
+    with slow_steps(live.engine), ThreadPoolExecutor(1) as pool:
+        stream = client.completions.create(model="beta-2", prompt=PROMPTS[1], max_tokens=40, temperature=0, stream=True)
+        text = next(iter(stream)).choices[0].text
         with paused(live.engine):
             unloading = pool.submit(client.post, "/unload_lora_adapter", body={"lora_name": "beta-2"}, cast_to=httpx.Response)
             wait_until(lambda: "beta-2" not in httpx.get(live.url + "/health").json()["adapters"], what="beta-2 unroutable")
@@ -339,11 +343,16 @@ def test_shutdown_finishes_in_flight_requests(files):
     server = LiveServer(app, engine).__enter__()
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     try:
-        stream = c.completions.create(model="gamma", prompt=PROMPTS[5], max_tokens=50, temperature=0, stream=True)
-        chunks = [next(iter(stream))]
-        with paused(engine):  # the request cannot finish before shutdown has begun
+        with slow_steps(engine):
+            stream = c.completions.create(model="gamma", prompt=PROMPTS[5], max_tokens=50, temperature=0, stream=True)
+            chunks = [next(iter(stream))]
+            engine.pause()
+        try:  # the request cannot finish before shutdown has begun
+            assert engine.stats()["running"] == 1
             server.server.should_exit = True  # what SIGINT/SIGTERM do
             wait_until(lambda: not _accepts(server.port), what="the listening socket to close")
+        finally:
+            engine.resume()
         chunks += list(stream)
     finally:
         server.__exit__(None, None, None)
