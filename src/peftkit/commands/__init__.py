@@ -1,5 +1,5 @@
 """Subcommands of the ``peftkit`` CLI, in the order ``--help`` lists them."""
 
-from . import info
+from . import info, serve
 
-COMMANDS = [info]
+COMMANDS = [info, serve]

@@ -1,0 +1,255 @@
+"""Serving many adapters: continuous mixed-adapter batching vs swapping adapters one request at a time.
+
+Both run behind the same HTTP server (``peftkit.serve.app``) in this process, with the same clients:
+
+* ``batched``: the serving engine. Concurrent requests for different adapters share one forward pass
+  per decoding step; new requests join between steps (``peftkit serve``).
+* ``swap``: the alternative without batching. One request at a time: ``set_adapter(name)`` then
+  ``generate`` (Hugging Face's loop with a KV cache), the next request waits.
+
+C closed-loop clients (C = 1, 8, 32) send N greedy requests in total, spread round-robin over 1 or 8
+adapters. Printed: requests/s, p50/p99 latency, and batched/swap throughput ratio; the generated
+texts of both modes are compared request by request. Results go to ``bench/results/serve.json``
+(one entry per model, so tiny and real-model runs sit side by side).
+
+    .venv/bin/python bench/bench_serve.py                      # a small random Llama, built here
+    .venv/bin/python bench/bench_serve.py --model DIR --requests 32 --max-tokens 32   # a real model dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import transformers
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.serve.app import create_app, load_base
+from peftkit.serve.engine import Engine, Output
+from peftkit.tuner import BASE
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "serve.json"
+WORDS = ("the a cat dog sat on mat and ran to park hello world how are you today summarize this text please answer "
+         "yes no good bad red blue green one two three four five six seven eight nine ten bird fish tree house car "
+         "road river sun moon star rain snow wind fire water stone book pen paper door window chair table").split()
+
+
+class SwapEngine(Engine):
+    """The baseline: one request at a time, ``set_adapter`` (or the bare base) then ``generate``."""
+
+    def _step(self) -> None:
+        with self._cond:
+            if not self._waiting:
+                return
+            r = self._waiting.popleft()
+        self._admitted = [r]
+        model = self.model
+        ids = torch.tensor([r.prompt_ids], device=self.device)
+        if r.adapter == BASE:
+            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        else:
+            model.set_adapter(r.adapter)
+            context = contextlib.nullcontext()
+        with context:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.params.max_tokens,
+                                 do_sample=False, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+        r.generated = out[0, ids.shape[1]:].tolist()
+        ended = bool(r.generated) and r.generated[-1] in self.eos_ids
+        piece, _ = r.text.update(r.generated[:-1] if ended else r.generated, final=True)
+        r.finished = True
+        self.counters["tokens"] += len(r.generated)
+        self.counters["finished"] += 1
+        r.emit(Output(piece, "stop" if ended else "length", len(r.prompt_ids), len(r.generated)))
+
+
+# --- models and adapters --------------------------------------------------------------------------------
+def tiny_model_dir(root: Path) -> Path:
+    """A random Llama (4 layers, hidden 256) with a word-level tokenizer; small enough for seconds per run."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from serve_utils import make_tokenizer  # the tests' offline tokenizer: nothing is downloaded
+
+    tokenizer = make_tokenizer()
+    tokenizer.model_max_length = 512
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    path = root / "tiny-llama-256"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_adapters(model_dir: Path, root: Path, count: int) -> dict[str, Path]:
+    """``count`` random LoRA adapters (r=8 on q/v, non-zero B so each one changes the outputs)."""
+    adapters = {}
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        base, _ = load_base(str(model_dir), "cpu", "float32")
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.5)
+        adapters[f"task{i}"] = root / "adapters" / f"task{i}"
+        model.save_pretrained(adapters[f"task{i}"])
+    return adapters
+
+
+# --- one run ------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server failed to start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join()
+        self.sock.close()
+
+
+async def drive(url: str, jobs: list[dict], concurrency: int) -> tuple[float, list[float], list[str]]:
+    """C closed-loop clients over ``jobs``; returns wall seconds, per-request latencies, texts."""
+    latencies, texts = [0.0] * len(jobs), [""] * len(jobs)
+    next_job = iter(range(len(jobs)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker():
+            for i in next_job:
+                start = time.perf_counter()
+                r = await client.post("/v1/completions", json=jobs[i])
+                r.raise_for_status()
+                latencies[i] = time.perf_counter() - start
+                texts[i] = r.json()["choices"][0]["text"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies, texts
+
+
+def run(engine_class, model_dir: Path, adapters: dict[str, Path], jobs: list[dict], concurrency: int, max_batch_size: int,
+        device: str | None, dtype: str):
+    model, tokenizer = load_base(str(model_dir), device, dtype)
+    engine = engine_class(model, tokenizer, max_batch_size=max_batch_size, max_queue=4096)
+    for name, path in adapters.items():
+        engine.load_adapter(name, str(path)).result()
+    app = create_app(engine, tokenizer, model_name="base")
+    with Server(app) as server:
+        asyncio.run(drive(server.url, jobs[: min(len(jobs), 2)], 1))  # warm-up (not timed)
+        seconds, latencies, texts = asyncio.run(drive(server.url, jobs, concurrency))
+    tokens = engine.stats()["tokens"]
+    return seconds, latencies, texts, engine.stats(), tokens
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a local Hugging Face model directory (default: build a small random Llama)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per run (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = Path(args.model) if args.model else tiny_model_dir(root)
+        all_adapters = make_adapters(model_dir, root, max(args.adapters))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        rng = random.Random(0)
+        prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(args.requests)]
+        runs, rows = [], []
+        for n_adapters in args.adapters:
+            adapters = dict(list(all_adapters.items())[:n_adapters])
+            names = list(adapters)
+            jobs = [{"model": names[i % n_adapters], "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}
+                    for i, p in enumerate(prompts)]
+            for concurrency in args.concurrency:
+                result = {}
+                for mode, engine_class in (("batched", Engine), ("swap", SwapEngine)):
+                    seconds, latencies, texts, stats, tokens = run(
+                        engine_class, model_dir, adapters, jobs, concurrency, args.max_batch_size, args.device, args.dtype)
+                    result[mode] = texts
+                    entry = {
+                        "mode": mode, "adapters": n_adapters, "concurrency": concurrency, "requests": len(jobs),
+                        "seconds": round(seconds, 3), "requests_per_s": round(len(jobs) / seconds, 3),
+                        "tokens_per_s": round(tokens / seconds, 1),
+                        "p50_latency_s": round(percentile(latencies, 50), 4), "p99_latency_s": round(percentile(latencies, 99), 4),
+                        "max_rows_in_a_step": stats["max_rows"],
+                    }
+                    runs.append(entry)
+                    print(json.dumps(entry), flush=True)
+                batched, swap = runs[-2], runs[-1]
+                same = sum(a == b for a, b in zip(result["batched"], result["swap"]))
+                rows.append((n_adapters, concurrency, batched, swap, same, len(jobs)))
+
+    print(f"\nmodel: {args.model or 'tiny random Llama (4 layers, hidden 256)'}; {args.requests} requests x "
+          f"{args.max_tokens} tokens, greedy; torch threads {torch.get_num_threads()}")
+    print(f"{'adapters':>8} {'clients':>7} | {'batched req/s':>13} {'p50 s':>7} {'p99 s':>7} | {'swap req/s':>10} "
+          f"{'p50 s':>7} {'p99 s':>7} | {'ratio':>5} | same text")
+    ratios = []
+    for n_adapters, concurrency, b, s, same, total in rows:
+        ratio = b["requests_per_s"] / s["requests_per_s"]
+        ratios.append({"adapters": n_adapters, "concurrency": concurrency, "throughput_ratio_batched_over_swap": round(ratio, 2),
+                       "same_text": f"{same}/{total}"})
+        print(f"{n_adapters:>8} {concurrency:>7} | {b['requests_per_s']:>13.2f} {b['p50_latency_s']:>7.3f} {b['p99_latency_s']:>7.3f} | "
+              f"{s['requests_per_s']:>10.2f} {s['p50_latency_s']:>7.3f} {s['p99_latency_s']:>7.3f} | {ratio:>5.2f} | {same}/{total}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.is_file() else {}
+    key = Path(args.model).name if args.model else "tiny-random-llama-256"
+    existing[key] = {
+        "model": args.model or "random Llama: 4 layers, hidden 256, vocab %d" % len(tokenizer),
+        "device": torch.cuda.get_device_name() if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(), "requests": args.requests, "max_tokens": args.max_tokens,
+        "max_batch_size": args.max_batch_size, "runs": runs, "ratios": ratios,
+    }
+    out.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The serving engine without HTTP: KV-cache bookkeeping, incremental text, sampling, and continuous
+batching compared row by row with offline generation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from serve_utils import ADAPTERS, Offline, build_server, make_model_dir, make_tokenizer, paused, wait_until
+from transformers import DynamicCache
+
+from peftkit.serve import batch
+from peftkit.serve.engine import AdapterNotFound, QueueFull, Request, SamplingParams
+from peftkit.serve.text import TextStream
+
+
+# --- pure pieces ------------------------------------------------------------------------------------
+def cache_of(keys: list[torch.Tensor]) -> DynamicCache:
+    return DynamicCache([(k, k + 100) for k in keys])
+
+
+def test_merge_pads_the_shorter_batch_on_the_left_and_select_trims_shared_padding():
+    old = torch.arange(1 * 1 * 2 * 1, dtype=torch.float).view(1, 1, 2, 1) + 1  # 1 row, 2 columns
+    new = torch.arange(2 * 1 * 4 * 1, dtype=torch.float).view(2, 1, 4, 1) + 10  # 2 rows, 4 columns
+    cache, new_cache = cache_of([old, old]), cache_of([new, new])
+    mask = batch.merge(cache, torch.ones(1, 2, dtype=torch.long), new_cache, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]]
+    keys = cache.layers[1].keys
+    assert keys.shape == (3, 1, 4, 1)
+    assert keys[0, 0, :, 0].tolist() == [0, 0, 1, 2] and keys[2, 0, :, 0].tolist() == [14, 15, 16, 17]
+    values = cache.layers[1].values
+    assert values[0, 0, :, 0].tolist() == [0, 0, 101, 102] and torch.equal(values[1:], keys[1:] + 100)
+    mask = batch.select(cache, mask, [1, 0])  # row 2 (no padding) leaves: one shared padding column goes
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[11, 12, 13], [0, 1, 2]]
+
+
+def test_left_padding_and_positions():
+    ids, mask = batch.left_padded([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_sampling_greedy_nucleus_and_seed():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    assert batch.sample(logits, 0.0, 1.0, None) == 1
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert all(batch.sample(logits, 1.0, 1e-6, g()) == 1 for _ in range(5))  # top_p ~ 0 keeps the argmax only
+    draws = [batch.sample(logits, 1.0, 0.8, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert set(draws) == {1, 2}  # p(1) ~ 0.63 < 0.8, so token 2 joins the nucleus; 0 and 3 never do
+    assert [batch.sample(logits, 2.0, 1.0, torch.Generator().manual_seed(s)) for s in range(20)] == \
+        [batch.sample(logits, 2.0, 1.0, torch.Generator().manual_seed(s)) for s in range(20)]
+
+
+def test_text_stream_holds_back_possible_stop_strings_and_stops():
+    tok = make_tokenizer()
+    ids = tok("hello world how are you", add_special_tokens=False).input_ids
+    stream = TextStream(tok, stop=("how are",))
+    pieces = [stream.update(ids[: k + 1], final=False) for k in range(len(ids))]
+    assert pieces[0] == ("hello", False) and pieces[1] == (" world", False)
+    assert pieces[2] == (" ", False)  # "how" could be the start of "how are": held back
+    assert pieces[3] == ("", True)  # the stop string ends the text
+    assert stream.update(ids, final=True) == ("", True)
+    assert stream.sent == "hello world "
+
+
+def test_text_stream_waits_for_complete_characters():
+    class Bytes:  # decodes ids as UTF-8 bytes, like byte-level BPE tokenizers
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    data = list("é!".encode())
+    stream = TextStream(Bytes())
+    assert stream.update(data[:1], final=False) == ("", False)
+    assert stream.update(data[:2], final=False) == ("é", False)
+    assert stream.update(data, final=True) == ("!", False)
+
+
+# --- the engine ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model_dir, adapters = make_model_dir(tmp_path_factory.mktemp("engine"))
+    _, engine = build_server(model_dir, adapters, max_batch_size=6, max_queue=64)
+    engine.start()
+    yield engine, Offline(model_dir, adapters, sorted(engine.eos_ids)), make_tokenizer()
+    engine.stop()
+
+
+class Collector:
+    def __init__(self):
+        self.done = threading.Event()
+        self.results: dict[int, list] = {}
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def request(self, ids, adapter, **params) -> Request:
+        with self._lock:
+            key = len(self.results)
+            self.results[key] = ["", None]
+            self._pending += 1
+        return Request(ids, adapter, SamplingParams(**params), lambda out: self._emit(key, out))
+
+    def _emit(self, key, out):
+        with self._lock:
+            self.results[key][0] += out.text
+            if out.finish_reason or out.error:
+                self.results[key][1] = out.finish_reason or out.error
+                self._pending -= 1
+                if not self._pending:
+                    self.done.set()
+
+
+def test_waves_of_requests_joining_and_leaving_match_offline_generation(setup):
+    """More requests than slots, of different lengths and adapters, arriving in three waves: rows join
+    running batches, leave at different steps, and wait for free slots; every row equals offline."""
+    engine, offline, tok = setup
+    prompts = ["hello world", "the cat sat on the mat and ran to the park today", "red", "summarize this text please",
+               "one two three four five six seven eight nine ten bird fish tree house", "how are you"]
+    jobs = [(prompts[i % 6], [None, *ADAPTERS][i % 4], 3 + (5 * i) % 17) for i in range(14)]
+    collector = Collector()
+    requests = [collector.request(tok(p).input_ids, a or "__base__", max_tokens=m, temperature=0) for p, a, m in jobs]
+    before = engine.stats()
+    engine.submit(requests[:3])
+    wait_until(lambda: engine.stats()["tokens"] > before["tokens"] + 3, what="the first wave to run")
+    engine.submit(requests[3:9])
+    wait_until(lambda: engine.stats()["tokens"] > before["tokens"] + 20, what="the second wave to run")
+    engine.submit(requests[9:])
+    assert collector.done.wait(120)
+    for (prompt, adapter, max_tokens), (text, reason) in zip(jobs, collector.results.values()):
+        assert text == offline.completion(adapter, prompt, max_tokens), (prompt, adapter)
+        assert reason in ("stop", "length")
+    after = engine.stats()
+    assert after["joins"] > before["joins"] and after["max_rows"] == 6
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(setup):
+    engine, _, tok = setup
+    ids = tok("how are you today").input_ids
+    alone = Collector()
+    engine.submit([alone.request(ids, "beta", max_tokens=15, temperature=1.2, top_p=0.9, seed=11)])
+    assert alone.done.wait(60)
+    crowd = Collector()
+    others = [crowd.request(tok(p).input_ids, a, max_tokens=15, temperature=1.0) for p, a in
+              [("red", "alpha"), ("hello world", "__base__"), ("the cat", "gamma")]]
+    engine.submit([others[0], crowd.request(ids, "beta", max_tokens=15, temperature=1.2, top_p=0.9, seed=11), *others[1:]])
+    assert crowd.done.wait(60)
+    assert crowd.results[3][0] == alone.results[0][0]  # keys follow creation order: the seeded one is 3
+
+
+def test_submit_refuses_unknown_adapters_full_queues_and_overlong_requests(setup):
+    engine, _, tok = setup
+    ids = tok("hello").input_ids
+    collector = Collector()
+    with pytest.raises(AdapterNotFound):
+        engine.submit([collector.request(ids, "nope", max_tokens=2)])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.submit([collector.request(ids, "alpha", max_tokens=engine.max_model_len)])
+    with paused(engine):
+        with pytest.raises(QueueFull):  # all or nothing: 65 requests never fit a queue of 64
+            engine.submit([collector.request(ids, "alpha", max_tokens=2) for _ in range(65)])
+        assert engine.stats()["waiting"] == 0
+
+
+def test_abort_of_a_waiting_request(setup):
+    engine, _, tok = setup
+    collector = Collector()
+    with paused(engine):
+        request = collector.request(tok("hello").input_ids, "alpha", max_tokens=5)
+        engine.submit([request])
+        engine.abort([request])
+        assert collector.done.wait(30)
+    assert collector.results[0] == ["", "abort"] and request.generated == []
