@@ -171,5 +171,33 @@ def revalidate(config: Any) -> Any:
     return config
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None, **flags: Any) -> Any:
+    """``cls()`` defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated."""
+    config = cls()
+    layers = [read_yaml(yaml_path) if yaml_path else {}, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
+    for layer in layers:
+        for key, value in layer.items():
+            set_value(config, key, value)
+    return revalidate(config)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: description}`` from the ``Args:`` section of a dataclass's docstring."""
+    out: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, name, indent = False, None, 0
+    for line in lines:
+        if line.strip() == "Args:":
+            inside, indent = True, len(line) - len(line.lstrip())
+            continue
+        if not inside:
+            continue
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break  # end of the Args section
+        match = re.match(r"\s+(\w+):\s*(.*)", line)
+        if match and (len(line) - len(line.lstrip())) <= indent + 4:
+            name = match.group(1)
+            out[name] = match.group(2).strip()
+        elif name and line.strip():
+            out[name] += " " + line.strip()
+    return out

@@ -1,5 +1,5 @@
 """Subcommands of the ``peftkit`` CLI, in the order ``--help`` lists them."""
 
-from . import info
+from . import eval, info, merge, models, train
 
-COMMANDS = [info]
+COMMANDS = [train, eval, merge, models, info]

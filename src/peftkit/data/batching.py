@@ -77,7 +77,7 @@ class BatchStream:
     """The run's batches, epoch after epoch, addressed by position (batch ``k`` of the whole run), so a
     resumed run continues with exactly the batch an uninterrupted run would have taken next.
 
-    ``min_rows``: a last batch with fewer rows is dropped (with several processes, each needs a row).
+    ``min_rows``: a last batch with fewer rows is dropped (each micro-batch of each process needs a row).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True, min_rows: int = 1):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..data import PromptFormat
 from ..hub import DEFAULT_MODEL
-from ..options import coerce, field_types, parse_sets, read_yaml, revalidate, set_value
+from ..options import build
 from ..presets import MethodOptions
 
 
@@ -119,12 +119,4 @@ RESUMABLE_CHANGES = {"resume", "log_every", "eval_data", "eval_every", "eval_lim
 
 def build_train_config(yaml_path: str | None = None, sets: list[str] | None = None, **flags) -> TrainConfig:
     """Defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated."""
-    config = TrainConfig()
-    layers = [read_yaml(yaml_path) if yaml_path else {}, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
-    for layer in layers:
-        for key, value in layer.items():
-            set_value(config, key, value)
-    return revalidate(config)
-
-
-__all__ = ["RESUMABLE_CHANGES", "TrainConfig", "build_train_config", "coerce", "field_types"]
+    return build(TrainConfig, yaml_path, sets, **flags)

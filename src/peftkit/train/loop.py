@@ -85,8 +85,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             say(f"peftkit train: {name} data: {encoded.describe()}")
     items = train_set.items
     lengths = [len(e.input_ids) + len(e.labels) * seq2seq for e in items]
-    stream = BatchStream(lengths, cfg.batch_size * world, cfg.seed, cfg.group_by_length, min_rows=world)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
+    # One stream batch = the examples of one optimizer step (batch_size x grad_accum x processes), so how a
+    # step is split into micro-batches and processes does not change which examples it learns from.
+    step_rows = cfg.batch_size * cfg.grad_accum * world
+    stream = BatchStream(lengths, step_rows, cfg.seed, cfg.group_by_length, min_rows=cfg.grad_accum * world)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch))
     warmup_steps = math.ceil(cfg.warmup * total_steps)
     pad_id = tokenizer.pad_token_id
 
@@ -99,14 +102,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ddp_model = accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
 
     # --- resume ------------------------------------------------------------------------------------
-    step, position, elapsed_before = 0, 0, 0.0
+    step, elapsed_before = 0, 0.0
     checkpoint = latest_checkpoint(output)
     if checkpoint is not None and not cfg.resume:
         raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
     if cfg.resume and checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank)
         _check_same_run(state, cfg, world, checkpoint)
-        step, position, elapsed_before = state["step"], state["position"], state["elapsed_s"]
+        step, elapsed_before = state["step"], state["elapsed_s"]
         say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
     elif cfg.resume:
         say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
@@ -120,16 +123,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_loss = eval_loss = None
     with head if head is not None else nullcontext():
         while step < total_steps:
-            # data: the next grad_accum global batches; this process takes every world-th row of each
-            batches = [stream.batch(position + i) for i in range(cfg.grad_accum)]
-            targets = sum(items[i].num_targets for rows in batches for i in rows)
-            tokens = sum(lengths[i] for rows in batches for i in rows)
+            # data: this step's examples, cut into grad_accum micro-batches; this process takes every
+            # world-th row of each. Every process knows the whole plan, so counts need no communication.
+            rows = stream.batch(step)
+            batches = [rows[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
+            targets = sum(items[i].num_targets for i in rows)
+            tokens = sum(lengths[i] for i in rows)
 
             # forward, loss, backward: the loss is summed over tokens and divided by the step's target
             # count over all micro-batches and processes, so the update equals one large batch's
             step_loss = torch.zeros((), device=device)
-            for i, rows in enumerate(batches):
-                batch = collate_for_training([items[j] for j in rows[rank::world]], pad_id)
+            for i, micro_rows in enumerate(batches):
+                batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync_now = i == len(batches) - 1  # DDP averages gradients only on the last micro-batch
                 with nullcontext() if sync_now else accelerator.no_sync(ddp_model):
@@ -148,7 +153,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, position = step + 1, position + cfg.grad_accum
+            step += 1
             last_loss = step_loss.item()
             interval["loss"] += last_loss * targets
             interval["targets"] += targets
@@ -162,7 +167,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 seconds = time.perf_counter() - interval["start"]
                 record = {
                     "step": step,
-                    "epoch": round(position / stream.batches_per_epoch, 4),
+                    "epoch": round(step / stream.batches_per_epoch, 4),
                     "loss": interval["loss"] / interval["targets"],
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
@@ -181,8 +186,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             # checkpoint
             if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-                state = {"step": step, "position": position, "world_size": world, "elapsed_s": elapsed_before + time.perf_counter() - started,
-                         "config": dataclasses.asdict(cfg)}
+                epoch, batch_index = divmod(step, stream.batches_per_epoch)
+                state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
+                         "elapsed_s": elapsed_before + time.perf_counter() - started, "config": dataclasses.asdict(cfg)}
                 save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints)
     bar.close()
     train_seconds = time.perf_counter() - loop_started
