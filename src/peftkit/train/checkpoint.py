@@ -77,9 +77,14 @@ def save_checkpoint(
     return final
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``: step, data position, world size, the run's config."""
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
     """Restore a checkpoint into ``model``/``optimizer``/``scheduler`` and the RNGs; returns its state.json."""
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    state = read_state(path)
     saved = load_file(str(path / "trainable.safetensors"))
     params = trainable_parameters(model)
     if set(saved) != set(params):

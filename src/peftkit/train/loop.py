@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -24,12 +25,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import BatchStream, EncodedSet, collate_for_training, load_encoded, sorted_batches
+from ..data import BatchStream, EncodedSet, collate_for_training, encode_examples, load_encoded, read_examples, sorted_batches
 from ..hub import is_seq2seq, load_model
 from ..io.files import atomic_write_text
 from ..model import get_peft_model
 from ..presets import build_config, get_preset
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
 from .precision import autocast, resolve_precision
@@ -58,27 +59,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     output = Path(cfg.output)
 
     # --- processes, device, precision, seed ------------------------------------------------------
-    accelerator = Accelerator(cpu=cfg.cpu)
+    # Several processes without a GPU (torchrun, accelerate launch --cpu): DDP over gloo on the CPU.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cfg.cpu or (launched and not torch.cuda.is_available()))
     device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     use_bf16, precision_reason = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     say = print if main else (lambda *a, **k: None)
 
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
+    preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
+    train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
-    preset = get_preset(cfg.method)
-    model = get_peft_model(base, build_config(cfg.method, cfg.method_options))
+    model = get_peft_model(base, peft_config)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
+        enable_gradient_checkpointing(base)
     model.to(device).train()
     trainable, total = model.get_nb_trainable_parameters()
     say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
         f"({100 * trainable / total:.4f}%); precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
     # --- data: tokenized once; batches are lists of example indices -------------------------------
-    _, train_set = load_encoded(cfg.data, tokenizer, cfg.format, seq2seq, limit=cfg.limit)
+    train_set = encode_examples(train_examples, tokenizer, cfg.format, seq2seq)
     eval_set = load_encoded(cfg.eval_data, tokenizer, cfg.format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
     for name, encoded in (("training", train_set), ("evaluation", eval_set)):
         if encoded is not None and encoded.describe():
@@ -107,8 +110,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if checkpoint is not None and not cfg.resume:
         raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
     if cfg.resume and checkpoint is not None:
+        _check_same_run(read_state(checkpoint), cfg, world, checkpoint)
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank)
-        _check_same_run(state, cfg, world, checkpoint)
         step, elapsed_before = state["step"], state["elapsed_s"]
         say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
     elif cfg.resume:
@@ -150,6 +153,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 bar.close()
                 raise TrainingDiverged(_diverged_message(step + 1, step_loss, grad_norm, scheduler, output))
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -169,7 +173,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "step": step,
                     "epoch": round(step / stream.batches_per_epoch, 4),
                     "loss": interval["loss"] / interval["targets"],
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": interval["tokens"] / seconds,
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
@@ -231,6 +235,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
     accelerator.wait_for_everyone()
     return run
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass. Non-reentrant checkpointing is the
+    variant that passes gradients to adapters even though the frozen inputs do not require grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 @torch.no_grad()
