@@ -166,7 +166,7 @@ def test_target_only_logits_follow_labels_that_a_soft_prompt_extends(tmp_path):
 def test_bf16_autocast_keeps_fp32_adapter_weights_and_matches_fp32_loss(tmp_path):
     from conftest import build
 
-    from peftkit.train.precision import autocast
+    from peftkit.precision import autocast
 
     model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False)).train()
     batch = _batch("llama", tmp_path)
@@ -200,11 +200,11 @@ def test_training_lowers_the_loss_and_saves_a_peft_adapter(work):
     run = train(config(work, out, max_steps=40, lr=1e-2, eval_data=work["eval"], eval_every=20, batch_size=8, method_options=options))
     lines = log_lines(out)
     losses = [line["loss"] for line in lines if "loss" in line]
-    assert [line["step"] for line in lines] == list(range(1, 41))
+    assert [line["step"] for line in lines] == list(range(0, 41))  # step 0: held-out loss before training
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15  # a random tiny model: ~4.75 -> ~4.45
     evals = [line["eval_loss"] for line in lines if "eval_loss" in line]
-    assert len(evals) == 2 and evals[1] < evals[0]
-    assert {"step", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(lines[0])
+    assert len(evals) == 3 and evals[2] < evals[1] < evals[0] == run["eval_loss_before"]
+    assert {"step", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(lines[1])
     assert set(os.listdir(out)) >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run.json", "train_log.jsonl"}
     saved = json.loads((out / "run.json").read_text())
     assert saved == json.loads(json.dumps(run))

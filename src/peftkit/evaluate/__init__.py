@@ -21,6 +21,7 @@ from ..data import PromptFormat, load_encoded
 from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
 from ..io.files import CONFIG_NAME, atomic_write_text
 from ..model import PeftModel
+from ..precision import resolve_precision
 from .generate import GenerationSettings, generate_predictions
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
 
@@ -81,7 +82,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
-    if cfg.generation.precision == "bf16":
+    use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
+    if use_bf16:
         model.to(torch.bfloat16)
     seq2seq = is_seq2seq(model.config)
     examples, encoded = load_encoded(cfg.data, tokenizer, cfg.format, seq2seq, limit=cfg.limit)
@@ -102,6 +104,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "references_per_example": max(len(r) for r in references),
         "truncated_inputs": encoded.truncated_inputs,
         "generation": dataclasses.asdict(cfg.generation),
+        "precision": "bf16" if use_bf16 else "fp32",
+        "precision_reason": precision_reason,
         "generation_s": generation_seconds,
         "examples_per_s": len(predictions) / generation_seconds if generation_seconds > 0 else None,
         "wall_time_s": time.perf_counter() - started,

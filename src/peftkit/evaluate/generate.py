@@ -26,22 +26,23 @@ class GenerationSettings:
         num_beams: 1 is greedy decoding (deterministic, fastest); more keeps that many candidate
             sequences (beam search), usually slightly better ROUGE at several times the cost.
         batch_size: Prompts generated together. Larger batches are faster per example up to memory limits.
-        precision: ``fp32``, or ``bf16`` (the model's weights cast to bfloat16: about half the memory
-            traffic per generated token, with slightly different predictions).
+        precision: ``auto`` runs in bf16 where the hardware does it fast (AMX/AVX512-BF16 CPUs, Ampere+
+            GPUs), else fp32. bf16 casts the weights to bfloat16: ~2.5x faster here, with slightly
+            different predictions than ``fp32``.
     """
 
     max_new_tokens: int = 128
     num_beams: int = 1
     batch_size: int = 16
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_beams", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}.")
 
 
 @torch.no_grad()

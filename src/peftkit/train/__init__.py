@@ -7,7 +7,7 @@
 from .config import TrainConfig, build_train_config
 from .loop import TrainingDiverged, lr_factor, train
 from .loss import TargetOnlyHead, loss_sum
-from .precision import bf16_support, resolve_precision
+from ..precision import bf16_support, resolve_precision
 
 __all__ = [
     "TargetOnlyHead",

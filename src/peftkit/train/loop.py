@@ -33,7 +33,7 @@ from ..presets import build_config, get_preset
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
-from .precision import autocast, resolve_precision
+from ..precision import autocast, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,8 +123,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
     interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
     loop_started, tokens_trained = time.perf_counter(), 0
-    last_loss = eval_loss = None
+    last_loss = eval_loss = initial_eval_loss = None
     with head if head is not None else nullcontext():
+        if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
+            initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+            log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
         while step < total_steps:
             # data: this step's examples, cut into grad_accum micro-batches; this process takes every
             # world-th row of each. Every process knows the whole plan, so counts need no communication.
@@ -225,6 +228,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "truncated_inputs": train_set.truncated_inputs,
             "truncated_targets": train_set.truncated_targets,
             "final_loss": last_loss,
+            "eval_loss_before": initial_eval_loss,
             "eval_loss": eval_loss,
             "train_tokens_per_s": tokens_trained / train_seconds if train_seconds > 0 and tokens_trained else None,
             "train_time_s": train_seconds,

@@ -1,7 +1,7 @@
-"""Which arithmetic precision a run uses, and why: bf16 autocast where the hardware runs it fast.
+"""Which arithmetic precision a run uses, and why: bf16 where the hardware runs it fast.
 
-bf16 autocast runs matrix multiplications in bfloat16 while weights, optimizer states and the loss
-stay fp32. On CPUs with AMX (Intel Sapphire Rapids and later) a bf16 matmul is ~9x faster than fp32;
+Training uses bf16 autocast: matrix multiplications run in bfloat16 while weights, optimizer states
+and the loss stay fp32. Generation casts the weights to bf16 (half the memory traffic per token). On CPUs with AMX (Intel Sapphire Rapids and later) a bf16 matmul is ~9x faster than fp32;
 on Ampere and newer GPUs bf16 runs on tensor cores.
 """
 
