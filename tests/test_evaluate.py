@@ -141,3 +141,20 @@ def test_bf16_generation_stays_close_to_fp32(tmp_path):
         fp32 = torch.log_softmax(model(input_ids=ids).logits, -1)
         bf16 = torch.log_softmax(model.to(torch.bfloat16)(input_ids=ids).logits.float(), -1)
     assert (fp32 - bf16).abs().max() < 0.05 and not torch.equal(fp32, bf16)
+
+
+def test_generation_with_a_soft_prompt_that_passes_embeddings(tmp_path):
+    """Soft prompts reach `generate` as embeddings, which then returns only the new tokens."""
+    tok = tiny.tokenizer()
+    items = _items(tmp_path, tok)
+    with tiny.soft_prompt_method() as SoftPromptConfig:
+        model = get_peft_model(build("llama"), SoftPromptConfig()).eval()
+        batched = generate_predictions(model, tok, items, GenerationSettings(max_new_tokens=5, batch_size=4), False, progress=False)
+        single = []
+        for e in items:
+            ids = torch.tensor([e.prompt_ids])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            assert out.shape[1] <= 5  # new tokens only
+            single.append(tok.decode(out[0], skip_special_tokens=True).strip())
+    assert batched == single and any(batched)

@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
@@ -18,14 +16,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import tiny_pipeline as tiny
-from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peftkit import registry
+from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.data import IGNORE_INDEX, PromptFormat, collate_for_training, encode_examples, read_examples
 from peftkit.hub import load_model
 from peftkit.presets import _PRESETS, MethodOptions, Preset
 from peftkit.train import TargetOnlyHead, TrainConfig, TrainingDiverged, build_train_config, loss_sum, lr_factor, train
 from peftkit.train import loop as loop_module
-from peftkit.tuner import Tuner
 
 REPO = Path(__file__).resolve().parents[1]
 FORMAT = PromptFormat(max_source_tokens=48)
@@ -102,49 +98,11 @@ def test_target_only_logits_give_the_models_own_loss_and_gradients(arch, tmp_pat
             assert model(input_ids=batch["input_ids"][:, :4]).logits.shape == (3, 4, 128)
 
 
-@dataclass
-class _SoftPromptConfig(PeftConfig):
-    peft_type: ClassVar[str] = "TEST_SOFT_PROMPT"
-    num_virtual_tokens: int = 3
-
-
-class _SoftPromptTuner(Tuner):
-    """A minimal soft prompt: like the real ones, it prepends virtual tokens inside PeftModel.forward
-    and extends attention_mask and labels there."""
-
-    def __init__(self, peft_model, name, config):
-        super().__init__(peft_model, name, config)
-        dim = self.model.get_input_embeddings().embedding_dim
-        self.prompt = nn.Parameter(torch.randn(config.num_virtual_tokens, dim) * 0.5)
-
-    def named_parameters(self):
-        return [("prompt", self.prompt)]
-
-    def state_dict(self):
-        return {"prompt_embeddings": self.prompt}
-
-    def load_state_dict(self, tensors, source):
-        self.prompt.data.copy_(tensors["prompt_embeddings"])
-
-    def remove(self):
-        pass
-
-    def prepare_inputs(self, kwargs, for_generate=False):
-        embeds = self.model.get_input_embeddings()(kwargs.pop("input_ids"))
-        b, n = embeds.shape[0], self.prompt.shape[0]
-        kwargs["inputs_embeds"] = torch.cat([self.prompt.expand(b, -1, -1), embeds], dim=1)
-        kwargs["attention_mask"] = torch.cat([torch.ones(b, n, dtype=torch.long), kwargs["attention_mask"]], dim=1)
-        if kwargs.get("labels") is not None:
-            kwargs["labels"] = torch.cat([torch.full((b, n), IGNORE_INDEX), kwargs["labels"]], dim=1)
-        return kwargs
-
-
 def test_target_only_logits_follow_labels_that_a_soft_prompt_extends(tmp_path):
     from conftest import build
 
-    registry.register(_SoftPromptConfig, _SoftPromptTuner)
-    try:
-        model = get_peft_model(build("llama"), _SoftPromptConfig())
+    with tiny.soft_prompt_method() as SoftPromptConfig:
+        model = get_peft_model(build("llama"), SoftPromptConfig())
         batch = _batch("llama", tmp_path)
         tuner = model._tuners["default"]
         for target_only in (False, True):
@@ -158,9 +116,6 @@ def test_target_only_logits_follow_labels_that_a_soft_prompt_extends(tmp_path):
                 assert torch.allclose(tuner.prompt.grad, plain_grad, rtol=1e-4, atol=1e-7)
             plain_loss, plain_grad = (total / n).detach(), tuner.prompt.grad.clone()
         assert n == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    finally:
-        registry._CONFIGS.pop("TEST_SOFT_PROMPT", None)
-        registry._TUNERS.pop(_SoftPromptConfig, None)
 
 
 def test_bf16_autocast_keeps_fp32_adapter_weights_and_matches_fp32_loss(tmp_path):

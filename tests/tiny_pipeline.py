@@ -3,14 +3,23 @@ downloaded), tiny model directories that ``--model`` accepts, and a small learna
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from conftest import VOCAB, build
+from peftkit import PeftConfig, registry
+from peftkit.data import IGNORE_INDEX
+from peftkit.tuner import Tuner
 
 SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]
 WORDS = (
@@ -77,3 +86,52 @@ def dialogue_rows(n: int, seed: int = 0, references: int = 1) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+# --- a minimal soft-prompt method, registered only inside `with soft_prompt_method():` ----------------------
+@dataclass
+class _SoftPromptConfig(PeftConfig):
+    peft_type: ClassVar[str] = "TEST_SOFT_PROMPT"
+    num_virtual_tokens: int = 3
+
+
+class _SoftPromptTuner(Tuner):
+    """A minimal soft prompt: like the real ones, it prepends virtual tokens inside PeftModel.forward
+    and extends attention_mask and labels there."""
+
+    def __init__(self, peft_model, name, config):
+        super().__init__(peft_model, name, config)
+        dim = self.model.get_input_embeddings().embedding_dim
+        self.prompt = nn.Parameter(torch.randn(config.num_virtual_tokens, dim) * 0.5)
+
+    def named_parameters(self):
+        return [("prompt", self.prompt)]
+
+    def state_dict(self):
+        return {"prompt_embeddings": self.prompt}
+
+    def load_state_dict(self, tensors, source):
+        self.prompt.data.copy_(tensors["prompt_embeddings"])
+
+    def remove(self):
+        pass
+
+    def prepare_inputs(self, kwargs, for_generate=False):
+        embeds = self.model.get_input_embeddings()(kwargs.pop("input_ids"))  # generate gets embeddings only
+        b, n = embeds.shape[0], self.prompt.shape[0]
+        kwargs["inputs_embeds"] = torch.cat([self.prompt.expand(b, -1, -1), embeds], dim=1)
+        kwargs["attention_mask"] = torch.cat([torch.ones(b, n, dtype=torch.long), kwargs["attention_mask"]], dim=1)
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = torch.cat([torch.full((b, n), IGNORE_INDEX), kwargs["labels"]], dim=1)
+        return kwargs
+
+
+@contextlib.contextmanager
+def soft_prompt_method():
+    """Register the test soft prompt for the duration of a test (so registry-wide tests never see it)."""
+    registry.register(_SoftPromptConfig, _SoftPromptTuner)
+    try:
+        yield _SoftPromptConfig
+    finally:
+        registry._CONFIGS.pop(_SoftPromptConfig.peft_type, None)
+        registry._TUNERS.pop(_SoftPromptConfig, None)
