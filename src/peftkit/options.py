@@ -136,14 +136,17 @@ def read_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of settings (key: value), found a {type(data).__name__}.")
-    return _flatten(data)
+    return data
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(config: Any, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"format": {"max_source_tokens": 300}}`` -> ``{"format.max_source_tokens": 300}`` for sections
+    (nested dataclasses) of ``config``; other values are kept as they are."""
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key in ("format", "method_options", "generation"):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        section = getattr(config, str(key), None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(section):
+            out.update(_flatten(section, value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -174,7 +177,8 @@ def revalidate(config: Any) -> Any:
 def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None, **flags: Any) -> Any:
     """``cls()`` defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated."""
     config = cls()
-    layers = [read_yaml(yaml_path) if yaml_path else {}, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
+    from_file = _flatten(config, read_yaml(yaml_path)) if yaml_path else {}
+    layers = [from_file, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
     for layer in layers:
         for key, value in layer.items():
             set_value(config, key, value)

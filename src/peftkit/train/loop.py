@@ -59,7 +59,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     output = Path(cfg.output)
 
     # --- processes, device, precision, seed ------------------------------------------------------
-    # Several processes without a GPU (torchrun, accelerate launch --cpu): DDP over gloo on the CPU.
+    # Several processes without a GPU (torchrun, accelerate launch --multi_gpu): DDP over gloo on the CPU.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=cfg.cpu or (launched and not torch.cuda.is_available()))
     device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -122,12 +122,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     head = TargetOnlyHead(model) if cfg.target_only_logits else None
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
     interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
-    loop_started, tokens_trained = time.perf_counter(), 0
+    loop_started, tokens_trained, eval_seconds = time.perf_counter(), 0, 0.0
     last_loss = eval_loss = initial_eval_loss = None
     with head if head is not None else nullcontext():
         if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
             initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
             log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
+            eval_seconds = time.perf_counter() - loop_started
+            interval["start"] = time.perf_counter()
         while step < total_steps:
             # data: this step's examples, cut into grad_accum micro-batches; this process takes every
             # world-th row of each. Every process knows the whole plan, so counts need no communication.
@@ -186,7 +188,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
             # evaluate
             if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                eval_started = time.perf_counter()
                 eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+                eval_seconds += time.perf_counter() - eval_started
+                interval["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
                 record = {**record, "step": step, "eval_loss": eval_loss, "elapsed_s": elapsed_before + time.perf_counter() - started}
                 bar.set_postfix(loss=f"{last_loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             log.write(record)
@@ -198,7 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          "elapsed_s": elapsed_before + time.perf_counter() - started, "config": dataclasses.asdict(cfg)}
                 save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints)
     bar.close()
-    train_seconds = time.perf_counter() - loop_started
+    train_seconds = time.perf_counter() - loop_started - eval_seconds
 
     # --- save: the adapter in the Hugging Face PEFT format, or the complete model --------------------
     run: dict[str, Any] = {}
@@ -232,6 +237,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "eval_loss": eval_loss,
             "train_tokens_per_s": tokens_trained / train_seconds if train_seconds > 0 and tokens_trained else None,
             "train_time_s": train_seconds,
+            "eval_time_s": eval_seconds,
             "wall_time_s": elapsed_before + time.perf_counter() - started,
             **peak_memory(device),
         }
