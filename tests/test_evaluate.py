@@ -158,3 +158,14 @@ def test_generation_with_a_soft_prompt_that_passes_embeddings(tmp_path):
             assert out.shape[1] <= 5  # new tokens only
             single.append(tok.decode(out[0], skip_special_tokens=True).strip())
     assert batched == single and any(batched)
+
+
+def test_eval_and_merge_help_explain_their_options(capsys):
+    for command, flags in (("eval", ["--adapter", "--data", "--limit", "--max-new-tokens", "--num-beams", "--batch-size",
+                                     "--precision", "--output", "--template", "--config", "--set"]),
+                           ("merge", ["--model", "--adapter", "--output"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in flags), command
+    assert "default" in text

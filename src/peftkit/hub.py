@@ -164,10 +164,18 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(where)
-    model_class = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-    model = model_class.from_pretrained(where, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    try:
+        config = AutoConfig.from_pretrained(where)
+        model_class = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
+        model = model_class.from_pretrained(where, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        if Path(where).is_dir():
+            raise
+        raise FileNotFoundError(
+            f"--model {name_or_path}: not a local directory or a catalogue name ({', '.join(CATALOGUE)}), "
+            f"and the hub could not provide it ({str(e).splitlines()[0]})."
+        ) from None
     if tokenizer.pad_token_id is None:
         # Causal LMs often have no pad token; padding positions are masked out, so any id works.
         tokenizer.pad_token = tokenizer.eos_token

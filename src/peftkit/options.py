@@ -57,9 +57,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     """``value`` (a YAML value or command-line text) as ``annotation``; ValueError naming ``key`` if it cannot be."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE and type(None) in args):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
         errors = []
         for option in _union_order(args, value):
             try:
@@ -67,10 +66,6 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(f"{key}: {value!r} is not a valid value ({'; '.join(errors)}).")
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise ValueError(f"{key}: expected nothing (null)")
     if origin is Literal:
         if value in args:
             return value

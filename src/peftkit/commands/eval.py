@@ -10,7 +10,6 @@ predictions.jsonl (each prediction with its references). Without --adapter it ev
 from __future__ import annotations
 
 import argparse
-import json
 
 from ._args import add_config_arguments, add_config_file_arguments, flags_from
 

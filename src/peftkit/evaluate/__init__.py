@@ -113,7 +113,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     output = Path(cfg.output)
     lines = [
         json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(s[k], 6) for k in ROUGE_TYPES}})
-        for e, p, s in zip(examples, predictions, per_example)
+        for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
     atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
     atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -68,7 +68,7 @@ def generate_predictions(
             pad_token_id=pad_id,
         )  # (B, T_prompt + new) for a causal LM, (B, new) for an encoder-decoder model
         new_tokens = out[:, batch["input_ids"].shape[1] :] if _starts_with_prompt(out, batch["input_ids"], seq2seq) else out
-        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
             predictions[i] = text.strip()
         bar.update(len(rows))
     bar.close()

@@ -27,7 +27,7 @@ def rouge_per_example(predictions: list[str], references: list[list[str]]) -> li
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists.")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out = []
-    for prediction, refs in zip(predictions, references):
+    for prediction, refs in zip(predictions, references, strict=True):
         if not refs:
             raise ValueError("An example has no reference to score against.")
         best = scorer.score_multi([sentences_on_lines(r) for r in refs], sentences_on_lines(prediction))
