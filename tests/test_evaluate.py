@@ -132,15 +132,24 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(trained):
 
 
 def test_bf16_generation_stays_close_to_fp32(tmp_path):
-    """The fast path of `peftkit eval` (precision auto -> bf16 weights on this CPU): next-token
-    log-probabilities stay within 0.05 of fp32 on a tiny model."""
+    """The fast path of `peftkit eval` (precision auto -> autocast over bf16 linear weights): the same
+    arithmetic as plain autocast, and next-token log-probabilities within 0.05 of fp32 (tiny model)."""
+    from peftkit.precision import autocast, cast_linear_weights_to_bf16
+
     tok = tiny.tokenizer()
     model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False)).eval()
     ids = torch.tensor([_items(tmp_path, tok)[0].prompt_ids])
+    cpu = torch.device("cpu")
     with torch.no_grad():
         fp32 = torch.log_softmax(model(input_ids=ids).logits, -1)
-        bf16 = torch.log_softmax(model.to(torch.bfloat16)(input_ids=ids).logits.float(), -1)
-    assert (fp32 - bf16).abs().max() < 0.05 and not torch.equal(fp32, bf16)
+        with autocast(cpu, True):
+            plain_autocast = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            cast_linear_weights_to_bf16(model)
+            fast = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    assert model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.allclose(fast, plain_autocast, atol=1e-5)
+    assert (fp32 - fast).abs().max() < 0.05 and not torch.equal(fp32, fast)
 
 
 def test_generation_with_a_soft_prompt_that_passes_embeddings(tmp_path):

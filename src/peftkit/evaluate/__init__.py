@@ -21,7 +21,7 @@ from ..data import PromptFormat, load_encoded
 from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
 from ..io.files import CONFIG_NAME, atomic_write_text
 from ..model import PeftModel
-from ..precision import resolve_precision
+from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .generate import GenerationSettings, generate_predictions
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
 
@@ -84,14 +84,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
-        model.to(torch.bfloat16)
+        cast_linear_weights_to_bf16(model)
     seq2seq = is_seq2seq(model.config)
     examples, encoded = load_encoded(cfg.data, tokenizer, cfg.format, seq2seq, limit=cfg.limit)
     if encoded.describe() and progress:
         print(f"peftkit eval: {encoded.describe()}")
 
     generation_started = time.perf_counter()
-    predictions = generate_predictions(model, tokenizer, encoded.items, cfg.generation, seq2seq, progress=progress)
+    with autocast(device, use_bf16):
+        predictions = generate_predictions(model, tokenizer, encoded.items, cfg.generation, seq2seq, progress=progress)
     generation_seconds = time.perf_counter() - generation_started
     references = [e.references for e in examples]
     per_example = rouge_per_example(predictions, references)
