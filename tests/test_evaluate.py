@@ -178,3 +178,12 @@ def test_eval_and_merge_help_explain_their_options(capsys):
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), command
     assert "default" in text
+
+
+def test_eval_of_an_encoder_decoder_model_without_adapter(tmp_path):
+    model_dir = tiny.model_dir(tmp_path, "t5")
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.dialogue_rows(5, seed=2))
+    assert main(["eval", "--model", model_dir, "--data", data, "--output", str(tmp_path / "out"), "--max-new-tokens", "4",
+                 "--precision", "fp32"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["adapter"] is None and metrics["precision"] == "fp32"

@@ -24,7 +24,7 @@ class TrainConfig:
             (``peftkit models list``).
         data: Training data: a .jsonl, .json or .csv file (DialogSum fields by default, see ``format``).
         output: Directory for the adapter (or full model), tokenizer, logs and checkpoints.
-        method: The PEFT method (``peftkit methods``/``--help`` lists them); its options are in ``method_options``.
+        method: The PEFT method (all registered ones are listed below); its options are in ``method_options``.
         method_options: Rank, alpha, target modules, ... (each method uses some of them).
         format: Input/target fields, the prompt template, truncation.
         epochs: Passes over the data (fractions allowed); ignored when ``max_steps`` is set.
