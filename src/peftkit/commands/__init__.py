@@ -1,5 +1,5 @@
 """Subcommands of the ``peftkit`` CLI, in the order ``--help`` lists them."""
 
-from . import info, serve
+from . import eval, info, merge, models, serve, train
 
-COMMANDS = [info, serve]
+COMMANDS = [train, eval, merge, serve, models, info]

