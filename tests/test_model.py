@@ -195,3 +195,13 @@ def test_batched_mixed_lora_kernel_equals_the_per_group_loop_and_sees_weight_upd
     slow_updated = model(**batch, adapter_names=names).logits.detach()
     assert not torch.allclose(updated, fast)
     torch.testing.assert_close(updated, slow_updated, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_follow_the_base_models_train_or_eval_mode(tmp_path):
+    model = get_peft_model(build("llama").eval(), LoraConfig(r=4, lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("llama").eval(), tmp_path)
+    assert not any(m.training for m in loaded.modules()), "dropout must be off for a model loaded in eval mode"
+    model.train()
+    assert all(m.training for m in model.modules())

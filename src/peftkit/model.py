@@ -105,6 +105,9 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = peft_config
         for _, p in tuner.named_parameters():
             p.requires_grad_(False)
+        # New adapter modules start in training mode (torch's default); follow the base model's mode so
+        # that, e.g., an adapter loaded onto a model in eval mode has its dropout off.
+        self.train(self.base_model.training)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the adapter that runs (and trains, unless loaded for inference)."""

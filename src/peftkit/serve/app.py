@@ -40,24 +40,17 @@ log = logging.getLogger("peftkit.serve")
 
 
 def load_base(name_or_path: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``--model``: the one place the server loads a base model.
-
-    Today ``name_or_path`` must be a local Hugging Face model directory. When ``peftkit.hub`` lands
-    (local dir, hub id, or a catalogue short name such as ``smollm2-135m-instruct`` converted into a
-    cache), point this function at it; nothing else in the server needs to change.
-    """
+    """``(model, tokenizer)`` for ``--model``: a local model directory, a catalogue name such as
+    ``smollm2-135m-instruct`` (converted once into the cache), or a hub id when online."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {name_or_path!r} is not a local model directory (no config.json). Give a directory with a "
-            "Hugging Face causal LM: config.json, tokenizer files and weights."
-        )
+    from ..hub import resolve_model
+
+    where = resolve_model(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype: Any = getattr(torch, dtype) if dtype != "auto" else (torch.float32 if device == "cpu" else "auto")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
     return model.to(device).eval(), tokenizer
 
 
