@@ -205,3 +205,12 @@ def test_adapters_follow_the_base_models_train_or_eval_mode(tmp_path):
     assert not any(m.training for m in loaded.modules()), "dropout must be off for a model loaded in eval mode"
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_a_re_added_adapter_trains_after_set_adapter():
+    model = two_adapters()
+    model.delete_adapter("default")
+    model.add_adapter("default", LoraConfig(r=4))
+    model.set_adapter("default")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default." in n for n in trainable)

@@ -62,6 +62,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._tuners: dict[str, Tuner] = {}
         self._merged: str | None = None
+        self._trainable_adapter: str | None = None  # the adapter whose parameters require grad
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         freeze(model)
         self.add_adapter(adapter_name, peft_config)
@@ -114,13 +115,17 @@ class PeftModel(nn.Module):
         self._tuner(adapter_name)
         if self._merged is not None and self._merged != adapter_name:
             raise RuntimeError(f"Adapter {self._merged!r} is merged into the weights; unmerge_adapter() before switching.")
-        previous = self.routing.active
-        if previous is not None and previous != adapter_name and previous in self._tuners:
-            for _, p in self._tuners[previous].named_parameters():
-                p.requires_grad_(False)
-        trainable = not self.peft_config[adapter_name].inference_mode
-        for _, p in self._tuners[adapter_name].named_parameters():
-            p.requires_grad_(trainable)
+        # Only the active adapter trains. Flip requires_grad only when that changes, so switching between
+        # adapters loaded for inference is a single attribute write (microseconds).
+        trainable = None if self.peft_config[adapter_name].inference_mode else adapter_name
+        if trainable != self._trainable_adapter:
+            if self._trainable_adapter in self._tuners:
+                for _, p in self._tuners[self._trainable_adapter].named_parameters():
+                    p.requires_grad_(False)
+            if trainable is not None:
+                for _, p in self._tuners[trainable].named_parameters():
+                    p.requires_grad_(True)
+            self._trainable_adapter = trainable
         self.routing.active = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -129,6 +134,8 @@ class PeftModel(nn.Module):
             raise RuntimeError(f"Adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it.")
         tuner.remove()
         del self._tuners[adapter_name], self.peft_config[adapter_name]
+        if self._trainable_adapter == adapter_name:
+            self._trainable_adapter = None
         if self.routing.active == adapter_name:
             self.routing.active = next(iter(self._tuners), None)
             if self.routing.active is not None:
@@ -189,7 +196,7 @@ class PeftModel(nn.Module):
             tuner.remove()
         self._tuners.clear()
         self.peft_config.clear()
-        self.routing.active, self._merged = None, None
+        self.routing.active, self._merged, self._trainable_adapter = None, None, None
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         return self.base_model
