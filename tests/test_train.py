@@ -19,7 +19,7 @@ import tiny_pipeline as tiny
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.data import IGNORE_INDEX, PromptFormat, collate_for_training, encode_examples, read_examples
 from peftkit.hub import load_model
-from peftkit.presets import _PRESETS, MethodOptions, Preset
+from peftkit.presets import MethodOptions
 from peftkit.train import TargetOnlyHead, TrainConfig, TrainingDiverged, build_train_config, loss_sum, lr_factor, train
 from peftkit.train import loop as loop_module
 
@@ -293,19 +293,18 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(wor
         train(config(work, uninterrupted, max_steps=8, save_every=2, lr=5e-3))
 
 
-def test_a_full_model_preset_saves_a_complete_model(work):
+def test_full_fine_tuning_saves_a_complete_trained_model(work):
     from transformers import AutoModelForCausalLM
 
-    preset = Preset("test_full", lambda o: LoraConfig(r=2), saves_full_model=True)
-    _PRESETS["test_full"] = preset
-    try:
-        out = work["root"] / "full"
-        train(config(work, out, max_steps=2, method="test_full"))
-        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-        assert not (out / "adapter_config.json").exists()
-        assert isinstance(AutoModelForCausalLM.from_pretrained(out), nn.Module)
-    finally:
-        _PRESETS.pop("test_full", None)
+    out = work["root"] / "full"
+    train(config(work, out, max_steps=2, method="full", lr=1e-3))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(work["llama"]).state_dict()
+    assert trained.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert len(changed) > len(base) // 2, "the saved model should hold the trained weights"
 
 
 def test_two_processes_with_ddp_match_one_process(work, tmp_path):

@@ -209,8 +209,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run: dict[str, Any] = {}
     if main:
         if preset.saves_full_model:
-            # Methods that train the base weights themselves leave them trained when unloaded.
-            model.unload().save_pretrained(output)
+            # Methods that train the base weights themselves (full): merging keeps the trained weights.
+            model.merge_and_unload().save_pretrained(output)
         else:
             model.save_pretrained(output)
         tokenizer.save_pretrained(output)
