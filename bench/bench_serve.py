@@ -26,7 +26,6 @@ import os
 import platform
 import random
 import socket
-import statistics
 import sys
 import tempfile
 import threading

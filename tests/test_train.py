@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 import tiny_pipeline as tiny
 from peftkit import LoraConfig, PeftModel, get_peft_model

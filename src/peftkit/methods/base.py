@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import find_targets, get_submodule, host_for, hosts, model_type, name_matches, named_base_modules, release_host
+from ..inject import (
+    find_targets,
+    get_submodule,
+    host_for,
+    hosts,
+    model_type,
+    name_matches,
+    named_base_modules,
+    release_host,
+)
 from ..io.keys import HF_PREFIX, to_hf_key
 from ..tuner import Tuner
 
@@ -246,3 +255,52 @@ class LayerTuner(Tuner):
     def merged(self) -> bool:
         return any(self.name in host.merged for _, host in hosts(self.model))
 
+
+
+class InPlaceTuner(Tuner):
+    """An adapter made of the base model's own parameters, trained in place (selective, full).
+
+    Subclasses set ``self.params`` (name in the model -> parameter). On disk each is
+    ``base_model.model.<name>``. Such a method needs the model to itself (``exclusive``), and merging
+    only records that the trained values are to stay when the adapter is removed.
+    """
+
+    exclusive = True
+    mergeable = True
+    file_holds: ClassVar[str] = "exactly the parameters this config selects"
+
+    def __init__(self, peft_model, name: str, config: PeftConfig) -> None:
+        super().__init__(peft_model, name, config)
+        self.params: dict[str, nn.Parameter] = {}
+        self.merged = False
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.params.items())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {HF_PREFIX + n: p.detach() for n, p in self.params.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        own = self.state_dict()
+        unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+        if unknown or missing:
+            raise KeyError(
+                f"{source}: the file must hold {self.file_holds} "
+                f"(unknown here: {unknown[:3]}, missing from the file: {missing[:3]}). "
+                "Was it trained on a different base model?"
+            )
+        for key, value in tensors.items():
+            if value.shape != own[key].shape:
+                raise ValueError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
+                    "(a different base model?)."
+                )
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
+
+    def merge(self) -> None:
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False

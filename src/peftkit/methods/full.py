@@ -10,14 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-from torch import nn
-
 from ..config import PeftConfig
-from ..io.keys import HF_PREFIX
 from ..presets import Preset, register_preset
 from ..registry import register
-from ..tuner import Tuner
+from .base import InPlaceTuner
 
 
 @dataclass
@@ -42,11 +38,10 @@ class FullConfig(PeftConfig):
     peft_type: ClassVar[str] = "FULL"
 
 
-class FullTuner(Tuner):
+class FullTuner(InPlaceTuner):
     """Every base parameter trains in place; no copy of the originals is kept (see :class:`FullConfig`)."""
 
-    exclusive = True
-    mergeable = True
+    file_holds = "every parameter of the model"
 
     def __init__(self, peft_model, name: str, config: FullConfig) -> None:
         super().__init__(peft_model, name, config)
@@ -54,31 +49,6 @@ class FullTuner(Tuner):
         # Every in-place write (optimizer step, copy_, add_) bumps a tensor's version counter: equal
         # counters mean the weights are still the base model's, which is all unload() needs to know.
         self._versions = {n: p._version for n, p in self.params.items()}
-        self.merged = False
-
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.params.items())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {HF_PREFIX + n: p.detach() for n, p in self.params.items()}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        own = self.state_dict()
-        unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
-        if unknown or missing:
-            raise KeyError(
-                f"{source}: a full fine-tuning file must hold every parameter of the model "
-                f"(unknown here: {unknown[:3]}, missing from the file: {missing[:3]}). Was it saved from a different model?"
-            )
-        for key, value in tensors.items():
-            if value.shape != own[key].shape:
-                raise ValueError(
-                    f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
-                    "(a different base model?)."
-                )
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
 
     def _changed(self) -> list[str]:
         return [n for n, p in self.params.items() if p._version != self._versions[n]]
@@ -96,12 +66,6 @@ class FullTuner(Tuner):
     def disabled(self):
         self._refuse_if_changed("disable_adapter()")
         return super().disabled()
-
-    def merge(self) -> None:
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self.merged = False
 
     def remove(self) -> None:
         if not self.merged:

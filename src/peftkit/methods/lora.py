@@ -156,14 +156,40 @@ def _match_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class LoraLinear(AdapterLayer):
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
+    """``True``: A Kaiming-uniform, B zero (a no-op); ``"gaussian"``: A ~ N(0, 1/r), B zero; ``False``: as built."""
+    if init is True:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    if init in (True, "gaussian"):
+        nn.init.zeros_(b)
+
+
+class LoraLayer(AdapterLayer):
+    """What every LoRA layer shares: an additive update whose weight form, ``delta_weight()``, is the one
+    source of merge (``W += delta``) and unmerge (``W -= delta``)."""
+
+    additive = True
+    mergeable = True
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` (weight d x k) or GPT-2 ``Conv1D`` (weight stored k x d: ``fan_in_fan_out``).
 
     ``delta(x)``: x (..., k) -> (..., d), ``scaling * B(A(dropout(x)))``.
     """
-
-    additive = True
-    mergeable = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, init, fan_in_fan_out: bool):
         super().__init__()
@@ -173,12 +199,7 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(k, r, bias=False)
         self.lora_B = nn.Linear(r, d, bias=False)
-        if init is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / r)
-        if init in (True, "gaussian"):
-            nn.init.zeros_(self.lora_B.weight)
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
         # Same math as ``base(x) + delta(x)`` in three kernels (linear, linear, add with alpha): an
@@ -201,14 +222,6 @@ class LoraLinear(AdapterLayer):
         """``scaling * B @ A`` in the base weight's layout: (d, k), or (k, d) for fan_in_fan_out."""
         w = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return w.T if self.fan_in_fan_out else w
-
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
 
     @staticmethod
     def mixed_delta(layers: list["LoraLinear"], x: torch.Tensor, groups) -> torch.Tensor:
@@ -254,15 +267,12 @@ def _stacked(layers: list[LoraLinear]) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-class LoraEmbedding(AdapterLayer):
+class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding`` (num_embeddings x dim): ``delta(ids) = scaling * A[:, ids].T @ B.T``.
 
     As in ``peft``, ``lora_embedding_A`` (r x num_embeddings) starts at zero and
     ``lora_embedding_B`` (dim x r) normal, so a fresh adapter is a no-op.
     """
-
-    additive = True
-    mergeable = True
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float, rslora: bool, init):
         super().__init__()
@@ -281,20 +291,9 @@ class LoraEmbedding(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
 
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
 
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
-
-
-class LoraConv2d(AdapterLayer):
+class LoraConv2d(LoraLayer):
     """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (in -> r channels), B a 1x1 conv (r -> out)."""
-
-    additive = True
-    mergeable = True
 
     def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float, rslora: bool, init):
         super().__init__()
@@ -304,12 +303,7 @@ class LoraConv2d(AdapterLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
         self.lora_B = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
-        if init is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / r)
-        if init in (True, "gaussian"):
-            nn.init.zeros_(self.lora_B.weight)
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = _match_input_dtype(x, self.lora_A.weight)
@@ -318,14 +312,6 @@ class LoraConv2d(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, in, kh, kw), (out, r, 1, 1)
         return F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * self.scaling  # (out, in, kh, kw)
-
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
 
 
 class LoraTuner(LayerTuner):

@@ -28,14 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..io.keys import HF_PREFIX
 from ..presets import Preset, register_preset
 from ..registry import register
-from ..tuner import Tuner
+from .base import InPlaceTuner
 
 # The index of the repeated block a parameter belongs to: ``model.layers.3.``, ``transformer.h.3.``,
 # ``encoder.block.3.``, ``encoder.layer.3.``. The leftmost match wins, so T5's ``block.3.layer.1.``
@@ -122,43 +120,14 @@ def select_parameters(model: nn.Module, config: SelectiveConfig) -> list[tuple[s
     return found
 
 
-class SelectiveTuner(Tuner):
+class SelectiveTuner(InPlaceTuner):
     """Trains the selected base parameters in place; keeps their original values to restore them."""
-
-    exclusive = True
-    mergeable = True  # the trained values already are base weights: merging only gives up the originals
 
     def __init__(self, peft_model, name: str, config: SelectiveConfig) -> None:
         super().__init__(peft_model, name, config)
         self.params = dict(select_parameters(self.model, config))
         self.originals = {n: p.detach().clone() for n, p in self.params.items()}
-        self.merged = False
         self._showing_originals = False
-
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.params.items())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {HF_PREFIX + n: p.detach() for n, p in self.params.items()}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        own = self.state_dict()
-        unknown, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
-        if unknown or missing:
-            raise KeyError(
-                f"{source}: the file's tensors differ from the parameters this config selects "
-                f"(not selected here: {unknown[:3]}, missing from the file: {missing[:3]}). "
-                "Was it trained on a different base model?"
-            )
-        for key, value in tensors.items():
-            if value.shape != own[key].shape:
-                raise ValueError(
-                    f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
-                    "(a different base model?)."
-                )
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
 
     def _swap(self) -> None:
         """Exchange trained and original values (no copy: the two tensors change places)."""
@@ -177,12 +146,6 @@ class SelectiveTuner(Tuner):
         finally:
             self._swap()
             self._showing_originals = False
-
-    def merge(self) -> None:
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self.merged = False
 
     def remove(self) -> None:
         """Put the original values back (bit for bit), unless merged, then freeze the parameters again."""
