@@ -2,9 +2,9 @@
 set up, model, data, optimizer, resume, then per step: batches, forward, loss, backward, step,
 schedule, log, evaluate, checkpoint; finally save the adapter (or full model) and ``run.json``.
 
-It runs on a CPU, a GPU, or several processes with DDP (``torchrun --nproc_per_node 2 -m peftkit.cli train ...``
-or ``torchrun``): Hugging Face Accelerate finds out which, wraps the model, and the loop splits each
-global batch between the processes.
+It runs on a CPU, a GPU, or several processes with DDP (``torchrun --nproc_per_node 2 -m peftkit.cli
+train ...``, or ``accelerate launch --multi_gpu``): Hugging Face Accelerate finds out which, wraps the
+model, and the loop splits each global batch between the processes.
 """
 
 from __future__ import annotations
