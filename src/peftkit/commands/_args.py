@@ -15,7 +15,8 @@ from ..options import coerce, field_help, field_types
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(), title: str | None = None,
-                         choices: dict[str, list[str]] | None = None, extra_help: dict[str, str] | None = None) -> list[str]:
+                         choices: dict[str, list[str]] | None = None, extra_help: dict[str, str] | None = None,
+                         metavars: dict[str, str] | None = None) -> list[str]:
     """Add ``--field-name`` for each field of ``cls`` (nested dataclasses get their own group); returns the dests."""
     defaults = cls()
     helps, types = field_help(cls), field_types(cls)

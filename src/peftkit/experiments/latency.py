@@ -55,19 +55,19 @@ def measure_latency(model: str, adapter: str | None, data: str, fmt: PromptForma
     seq2seq = is_seq2seq(net.config)
     items = load_encoded(data, tokenizer, fmt, seq2seq, limit=rows)[1].items
 
-    def generate(m, item) -> tuple[float, int]:
+    def generate(m, item, max_new_tokens: int = generation.max_new_tokens) -> tuple[float, int]:
         batch = {k: v.to(device) for k, v in collate_prompts([item], tokenizer.pad_token_id, "right").items()}
         beams = {"num_beams": generation.num_beams, "early_stopping": True} if generation.num_beams > 1 else {}
         _sync(device)
         start = time.perf_counter()
         with autocast(device, use_bf16):
-            out = m.generate(**batch, **beams, max_new_tokens=generation.max_new_tokens, do_sample=False,
+            out = m.generate(**batch, **beams, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         _sync(device)
         return time.perf_counter() - start, new_tokens(out, batch["input_ids"], seq2seq).shape[1]
 
     for m in variants.values():
-        generate(m, items[0])  # warm-up: first-call allocations and kernel selection are not latency
+        generate(m, items[0], max_new_tokens=4)  # warm-up: first-call allocations and kernel choices are not latency
     seconds = {k: 0.0 for k in variants}
     tokens = {k: 0 for k in variants}
     for i, item in enumerate(items):

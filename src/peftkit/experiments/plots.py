@@ -3,7 +3,7 @@
 - ``quality_vs_params.png``: ROUGE-1/2/L against trainable parameters (log scale); the zero-shot
   baseline, which trains nothing, is a dashed line per metric.
 - ``costs.png``: peak training memory, training time, stored size per task (log scale) and generation
-  latency per example (unmerged and merged) for each entry.
+  latency per new token, one example at a time (unmerged and merged), for each entry.
 - ``rank_sweep.png`` (sweeps): ROUGE against rank, and trainable parameters against rank on a second axis.
 
 Failed entries are left out of every plot.
@@ -80,13 +80,13 @@ def _costs(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
         if log and any(values):
             ax.set_yscale("log")
     ax = axes[3]
-    positions = range(len(ok))
-    unmerged = [m["latency_s_per_example"] or 0 for m in ok]
-    merged = [m["latency_merged_s_per_example"] or 0 for m in ok]
+    positions = list(range(len(ok)))
+    unmerged = [m["latency_ms_per_token"] or 0 for m in ok]
+    merged = [m["latency_merged_ms_per_token"] or 0 for m in ok]
     ax.bar([p - 0.2 for p in positions], unmerged, width=0.4, label="as trained (unmerged)", color="tab:blue")
     ax.bar([p + 0.2 for p in positions], merged, width=0.4, label="merged", color="tab:green")
-    ax.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
-    ax.set_title(f"latency per example, one at a time (s, {report['settings']['latency_rows']} rows)", fontsize=9)
+    ax.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"generation latency, one example at a time\n(ms per new token, {report['settings']['latency_rows']} rows)", fontsize=9)
     ax.legend(fontsize=7)
     for ax in axes:
         ax.grid(True, axis="y", alpha=0.3)
@@ -96,11 +96,13 @@ def _costs(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
 
 def _bars(ax, names: list[str], values: list[float | None]) -> None:
     positions = range(len(names))
-    ax.bar(list(positions), [v or 0 for v in values], color="tab:blue")
-    for p, v in zip(positions, values):
-        if v is None:
-            ax.annotate("n/a", (p, 0), ha="center", va="bottom", fontsize=7)
+    bars = ax.bar(list(positions), [v or 0 for v in values], color="tab:blue")
+    ax.bar_label(bars, labels=[_short(v) if v else "n/a" for v in values], fontsize=7)
     ax.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
 
 
 def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):

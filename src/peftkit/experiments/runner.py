@@ -146,7 +146,7 @@ def _execute(run_dir: Path, spec: dict[str, Any], isolate: bool) -> dict[str, An
     if not isolate:
         return run_entry(run_dir)
     sys.stdout.flush()
-    code = subprocess.run([sys.executable, "-m", "peftkit.experiments.worker", str(run_dir)], env=dict(os.environ)).returncode
+    code = subprocess.run([sys.executable, "-m", "peftkit.experiments", str(run_dir)], env=dict(os.environ)).returncode
     if (run_dir / RESULT).is_file():
         return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))
     result = failed_result(spec, f"the worker process exited with code {code} before writing its result "

@@ -1,4 +1,4 @@
-"""One entry of a comparison, start to finish, in its own folder: ``python -m peftkit.experiments.worker RUN_DIR``.
+"""One entry of a comparison, start to finish, in its own folder: ``python -m peftkit.experiments RUN_DIR``.
 
 ``RUN_DIR/spec.json`` (written by the runner) says what to run. The stages write into the folder:
 
@@ -149,9 +149,3 @@ def ok_result(spec: dict[str, Any], run: dict[str, Any] | None, metrics: dict[st
         "fingerprint": spec["fingerprint"],
     }
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m peftkit.experiments.worker RUN_DIR")
-    outcome = run_entry(Path(sys.argv[1]))
-    raise SystemExit(0 if outcome["status"] == "ok" else 1)
