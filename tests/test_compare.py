@@ -256,7 +256,9 @@ def test_sweep_command_line(work, tmp_path, capsys):
     ({"methods": ["baseline", "lorra"]}, "Unknown method 'lorra'"),
     ({"methods": ["lora", "lora"]}, "more than once"),
     ({"methods": []}, "empty"),
-    ({"per_method": ["lora.rank16"]}, "METHOD.KEY=VALUE"),
+    ({"per_method": ["lora.rank16"]}, "NAME.KEY=VALUE"),
+    ({"methods": ["lora", "a b=lora"]}, "NAME=METHOD"),
+    ({"methods": ["lora", "lora2=lorra"]}, "Unknown method 'lorra'"),
     ({"per_method": ["ia3.lr=1e-3"]}, "not in --methods"),
     ({"per_method": ["full.rank=4"]}, "full does not use 'rank'"),
     ({"per_method": ["baseline.lr=1e-3"]}, "baseline trains nothing"),
@@ -295,6 +297,11 @@ def test_per_method_settings_from_yaml_and_the_command_line(tmp_path):
     # On the command line a list value keeps its commas.
     cfg = CompareConfig(methods=["lora"], per_method=["lora.target_modules=q_proj", "k_proj", "lora.rank=2"])
     assert (cfg.entries()[0].options.target_modules, cfg.entries()[0].options.rank) == (["q_proj", "k_proj"], 2)
+    # Two settings of one method, under their own names.
+    cfg = CompareConfig(methods=["lora", "lora_all=lora"], per_method=["lora_all.target_modules=all-linear", "lora_all.lr=1e-3"])
+    (lora, lora_all) = cfg.entries()
+    assert (lora.name, lora.method, lora.options.target_modules) == ("lora", "lora", None)
+    assert (lora_all.name, lora_all.method, lora_all.options.target_modules, lora_all.lr) == ("lora_all", "lora", "all-linear", 1e-3)
     # A shared option goes to the methods that use it only.
     cfg = CompareConfig(methods=["full", "lora"], method_options=type(cfg.method_options)(rank=32))
     full, lora = cfg.entries()

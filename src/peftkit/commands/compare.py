@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_file_arguments(p)
     listing = ", ".join(f"{name} (lr {preset.default_lr:g})" for name, preset in presets().items())
     dests = add_config_arguments(p, CompareConfig, extra_help={"methods": f" Methods and their default learning rates: {listing}."},
-                                 metavars={"per_method": "METHOD.KEY=VALUE,..."})
+                                 metavars={"per_method": "NAME.KEY=VALUE,...", "methods": "NAME[=METHOD],..."})
     p.set_defaults(func=run, _dests=dests)
 
 

@@ -187,8 +187,9 @@ class CompareConfig(ExperimentConfig):
     Args:
         methods: Entries to compare, in the report's order: ``baseline`` (the frozen model, zero-shot) and
             any method preset (full, lora, dora, ia3, bottleneck, prompt_tuning, prefix_tuning, p_tuning,
-            bitfit, norm, last_layers, selective).
-        per_method: Settings for one method only, as METHOD.KEY=VALUE: the learning rate (lora.lr=5e-4) or any
+            bitfit, norm, last_layers, selective). NAME=METHOD adds a method under another name, to compare
+            two settings of one method: lora,lora_all=lora with per_method lora_all.target_modules=all-linear.
+        per_method: Settings for one entry only, as NAME.KEY=VALUE: the learning rate (lora.lr=5e-4) or any
             method option (lora.rank=16, prompt_tuning.num_virtual_tokens=32). In YAML also a mapping
             (per_method: {lora: {rank: 16}}).
     """
@@ -204,34 +205,46 @@ class CompareConfig(ExperimentConfig):
         known = presets()
         if not self.methods:
             raise ValueError("--methods is empty; list at least one, e.g. baseline,full,lora.")
-        for method in self.methods:
+        named = [self._name_and_method(item) for item in self.methods]
+        for _, method in named:
             if method != BASELINE and method not in known:
                 raise ValueError(f"Unknown method {method!r} in --methods; choose from {BASELINE}, {', '.join(known)}.")
-        duplicates = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        names = [name for name, _ in named]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"--methods lists {', '.join(duplicates)} more than once.")
-        overrides = self._overrides()
+            raise ValueError(f"--methods lists {', '.join(duplicates)} more than once; name a second one NAME=METHOD.")
+        overrides = self._overrides(names)
         entries = []
-        for method in self.methods:
-            entry = self._entry(method, method)
-            for key, text in overrides.get(method, {}).items():
+        for name, method in named:
+            entry = self._entry(name, method)
+            for key, text in overrides.get(name, {}).items():
                 if not entry.trains:
-                    raise ValueError(f"per_method {method}.{key}: the baseline trains nothing and takes no settings.")
+                    raise ValueError(f"per_method {name}.{key}: the baseline trains nothing and takes no settings.")
                 if key == "lr":
-                    entry.lr = coerce(text, float, f"{method}.lr")
+                    entry.lr = coerce(text, float, f"{name}.lr")
                     if not entry.lr > 0:
-                        raise ValueError(f"per_method {method}.lr must be > 0, got {entry.lr!r}.")
+                        raise ValueError(f"per_method {name}.lr must be > 0, got {entry.lr!r}.")
                     continue
                 preset = get_preset(method)
                 if key not in preset.uses:
-                    raise ValueError(f"per_method {method}.{key}: {method} does not use {key!r}; it uses "
+                    raise ValueError(f"per_method {name}.{key}: {method} does not use {key!r}; it uses "
                                      f"{', '.join(sorted(preset.uses | {'lr'}))}.")
-                setattr(entry.options, key, coerce(text, field_types(MethodOptions)[key], f"{method}.{key}"))
+                setattr(entry.options, key, coerce(text, field_types(MethodOptions)[key], f"{name}.{key}"))
             entries.append(entry)
         self._check_options_used(entries)
         return entries
 
-    def _overrides(self) -> dict[str, dict[str, str]]:
+    @staticmethod
+    def _name_and_method(item: str) -> tuple[str, str]:
+        name, sep, method = item.partition("=")
+        name, method = name.strip(), method.strip()
+        if not sep:
+            return name, name
+        if not re.fullmatch(r"[\w.+-]+", name) or not method:
+            raise ValueError(f"--methods {item!r}: write NAME=METHOD with a NAME of letters, digits, '_', '-', '.' or '+'.")
+        return name, method
+
+    def _overrides(self, names: list[str]) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
         items: list[str] = []
         for piece in self.per_method or []:  # "lora.target_modules=q_proj,v_proj" arrives cut at the comma
@@ -240,13 +253,13 @@ class CompareConfig(ExperimentConfig):
             else:
                 items.append(piece)
         for item in items:
-            match = re.fullmatch(r"\s*([\w-]+)\.(\w+)\s*=(.*)", item)
+            match = re.fullmatch(r"\s*([\w.+-]+)\.(\w+)\s*=(.*)", item)
             if match is None:
-                raise ValueError(f"per_method {item!r}: write METHOD.KEY=VALUE, e.g. lora.rank=16 or full.lr=2e-5.")
-            method, key, value = match.groups()
-            if method not in self.methods:
-                raise ValueError(f"per_method {item!r}: {method!r} is not in --methods ({', '.join(self.methods)}).")
-            out.setdefault(method, {})[key] = value.strip()
+                raise ValueError(f"per_method {item!r}: write NAME.KEY=VALUE, e.g. lora.rank=16 or full.lr=2e-5.")
+            name, key, value = match.groups()
+            if name not in names:
+                raise ValueError(f"per_method {item!r}: {name!r} is not in --methods ({', '.join(names)}).")
+            out.setdefault(name, {})[key] = value.strip()
         return out
 
 
