@@ -68,6 +68,7 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
         "peftkit_version": __version__,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "wall_time_s": wall_time_s,
+        "entries_wall_time_s": sum(r.get("entry_wall_time_s") or 0 for r in results),
         "settings": {**dataclasses.asdict(cfg), "entries": [e.name for e in entries]},
         "methods": methods,
         "conclusion": conclusion(methods),
@@ -150,10 +151,11 @@ def _efficient_vs_full(peft: dict[str, Any], full: dict[str, Any], baseline: dic
     costs = []
     if peft["stored_bytes"] and full["stored_bytes"]:
         costs.append(f"stores {_size(peft['stored_bytes'])} per task instead of {_size(full['stored_bytes'])}")
-    for key, what in (("peak_train_memory_mb", "peak training memory"), ("train_time_s", "training time")):
-        if peft.get(key) and full.get(key):
-            costs.append(f"{peft[key] / full[key]:.2f}x the {what}")
-    return text + ("; it " + ", ".join(costs) if costs else "") + "."
+    ratios = [f"{peft[key] / full[key]:.2f}x the {what}" for key, what in
+              (("peak_train_memory_mb", "peak training memory"), ("train_time_s", "training time")) if peft.get(key) and full.get(key)]
+    if ratios:
+        costs.append(f"needs {' and '.join(ratios)} of {full['name']}")
+    return text + ("; it " + ", and ".join(costs) if costs else "") + "."
 
 
 # --- report.md --------------------------------------------------------------------------------------------
@@ -172,8 +174,9 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"{steps} of {s['batch_size'] * s['grad_accum']} examples{seen}, seed {s['seed']}, {s['schedule']} schedule, "
         f"warmup {s['warmup']:g}, precision {s['precision']}.",
         f"Evaluation: {rows} of `{s['eval_data']}`, {decoding}, at most {s['max_new_tokens']} new tokens; "
-        f"latency on {s['latency_rows']} rows generated one at a time. Wall time {_duration(report['wall_time_s'])} "
-        f"(entries reused from earlier runs not included); peftkit {report['peftkit_version']}, {report['created']}.",
+        f"latency on {s['latency_rows']} rows generated one at a time. The entries took {_duration(report['entries_wall_time_s'])} "
+        f"in all (training, evaluation and timing, each in its last run; this run: {_duration(report['wall_time_s'])}); "
+        f"peftkit {report['peftkit_version']}, {report['created']}.",
         "",
         table(report["methods"]),
         "",

@@ -33,8 +33,8 @@ class TrainConfig:
         batch_size: Examples per forward pass and process. Global batch = batch_size x grad_accum x processes.
         grad_accum: Forward/backward passes whose gradients add up to one optimizer step (a larger effective
             batch without more memory).
-        lr: Peak learning rate of AdamW; ``None`` uses the method's default (``peftkit train --help`` lists them:
-            adapters train well around 1e-4..1e-3, full fine-tuning wants ~1e-5..5e-5, soft prompts 1e-2 or more).
+        lr: Peak learning rate of AdamW; none given: the method's own default (listed with the methods: adapters
+            train well around 1e-4..1e-3, full fine-tuning wants ~1e-5..5e-5, soft prompts 1e-2 or more).
         weight_decay: AdamW's decoupled weight decay.
         warmup: Fraction of the steps during which the learning rate rises linearly from 0 (0.05 = the first 5%).
         schedule: Learning-rate decay after warmup: cosine or linear to 0, or constant.
