@@ -24,8 +24,8 @@ THREADS   ?= 1
 
 demo: $(STAMP)
 	$(VENV)/bin/peftkit compare --train-data $(DEMO_DATA)/demo_train.jsonl --eval-data $(DEMO_DATA)/demo_eval.jsonl \
-	    --methods baseline,full,lora,prompt_tuning --per-method lora.lr=1e-3,full.lr=5e-5 \
-	    --max-steps 16 --batch-size 8 --max-new-tokens 64 --latency-rows 2 --threads $(THREADS) --output $(DEMO_OUT)
+	    --methods baseline,full,lora,prompt_tuning --per-method lora.lr=2e-3,full.lr=5e-5 \
+	    --max-steps 24 --batch-size 4 --max-new-tokens 64 --latency-rows 2 --threads $(THREADS) --output $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
