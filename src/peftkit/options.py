@@ -169,10 +169,14 @@ def revalidate(config: Any) -> Any:
     return config
 
 
-def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None, **flags: Any) -> Any:
-    """``cls()`` defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated."""
+def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None, *,
+          file_values: dict[str, Any] | None = None, **flags: Any) -> Any:
+    """``cls()`` defaults, then the YAML file, then ``--set`` pairs, then explicit flags (later wins); validated.
+    ``file_values`` stands in for a YAML file that the caller has already read (and perhaps reshaped)."""
     config = cls()
-    from_file = _flatten(config, read_yaml(yaml_path)) if yaml_path else {}
+    if file_values is None and yaml_path:
+        file_values = read_yaml(yaml_path)
+    from_file = _flatten(config, file_values or {})
     layers = [from_file, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
     for layer in layers:
         for key, value in layer.items():
@@ -181,9 +185,18 @@ def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """``{field: description}`` from the ``Args:`` section of a dataclass's docstring."""
+    """``{field: description}`` from the ``Args:`` sections of a dataclass's docstring and of its base
+    classes' (a subclass documents only the fields it adds or redefines)."""
     out: dict[str, str] = {}
-    lines = (cls.__doc__ or "").splitlines()
+    for klass in reversed(cls.__mro__):
+        if klass is not object and klass.__doc__:
+            out.update(_args_section(klass.__doc__))
+    return out
+
+
+def _args_section(doc: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    lines = doc.splitlines()
     inside, name, indent = False, None, 0
     for line in lines:
         if line.strip() == "Args:":

@@ -67,6 +67,9 @@ class Preset:
         uses: The option names ``build`` reads; others are refused when set.
         help: One line for ``--help``.
         saves_full_model: The result is a complete model (full fine-tuning), not a small adapter.
+        default_lr: The peak learning rate used when the user gives none (``--lr``). Methods differ by
+            orders of magnitude: full fine-tuning moves pretrained weights and wants ~1e-5..5e-5, adapters
+            start from zero or one and train well around 1e-4..1e-3, soft prompts want 1e-2 or more.
     """
 
     name: str
@@ -74,6 +77,11 @@ class Preset:
     uses: frozenset[str] = field(default_factory=frozenset)
     help: str = ""
     saves_full_model: bool = False
+    default_lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        if not self.default_lr > 0:
+            raise ValueError(f"Preset {self.name!r}: default_lr must be > 0, got {self.default_lr!r}.")
 
 
 _PRESETS: dict[str, Preset] = {}

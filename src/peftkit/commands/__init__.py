@@ -1,5 +1,5 @@
 """Subcommands of the ``peftkit`` CLI, in the order ``--help`` lists them."""
 
-from . import eval, info, merge, models, serve, train
+from . import compare, eval, info, merge, models, serve, sweep, train
 
-COMMANDS = [train, eval, merge, serve, models, info]
+COMMANDS = [train, eval, compare, sweep, merge, serve, models, info]

@@ -15,7 +15,8 @@ from ..options import coerce, field_help, field_types
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(), title: str | None = None,
-                         choices: dict[str, list[str]] | None = None, extra_help: dict[str, str] | None = None) -> list[str]:
+                         choices: dict[str, list[str]] | None = None, extra_help: dict[str, str] | None = None,
+                         metavars: dict[str, str] | None = None) -> list[str]:
     """Add ``--field-name`` for each field of ``cls`` (nested dataclasses get their own group); returns the dests."""
     defaults = cls()
     helps, types = field_help(cls), field_types(cls)
@@ -27,7 +28,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
             continue
         if dataclasses.is_dataclass(value):
             sub_title = f"{f.name.replace('_', ' ')} ({helps.get(f.name, '').rstrip('.')})"
-            dests += add_config_arguments(parser, type(value), skip, sub_title, choices, extra_help)
+            dests += add_config_arguments(parser, type(value), skip, sub_title, choices, extra_help, metavars)
             continue
         annotation = types[f.name]
         text = helps.get(f.name, "") + (extra_help or {}).get(f.name, "")
@@ -38,7 +39,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
         else:
             options = (choices or {}).get(f.name) or (list(get_args(annotation)) if get_origin(annotation) is Literal else None)
             group.add_argument(flag, dest=f.name, default=None, type=_parser(annotation, f.name), choices=options,
-                               metavar=_metavar(annotation, f.name), help=text)
+                               metavar=(metavars or {}).get(f.name) or _metavar(annotation, f.name), help=text)
         dests.append(f.name)
     return dests
 

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_file_arguments(p)
     methods = presets()
-    listing = "; ".join(f"{name}: {preset.help}" for name, preset in methods.items())
+    listing = "; ".join(f"{name}: {preset.help} (default lr {preset.default_lr:g})" for name, preset in methods.items())
     dests = add_config_arguments(p, TrainConfig, choices={"method": list(methods)}, extra_help={"method": f" Methods: {listing}."})
     p.set_defaults(func=run, _dests=dests)
 

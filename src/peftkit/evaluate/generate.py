@@ -67,16 +67,17 @@ def generate_predictions(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
         )  # (B, T_prompt + new) for a causal LM, (B, new) for an encoder-decoder model
-        new_tokens = out[:, batch["input_ids"].shape[1] :] if _starts_with_prompt(out, batch["input_ids"], seq2seq) else out
-        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+        for i, text in zip(rows, tokenizer.batch_decode(new_tokens(out, batch["input_ids"], seq2seq), skip_special_tokens=True), strict=True):
             predictions[i] = text.strip()
         bar.update(len(rows))
     bar.close()
     return predictions
 
 
-def _starts_with_prompt(out: torch.Tensor, prompt: torch.Tensor, seq2seq: bool) -> bool:
-    """Whether ``generate`` returned prompt + new tokens. A causal LM does, unless the prompt reached it
-    as embeddings only (soft-prompt methods pass ``inputs_embeds``): then it returns the new tokens alone."""
+def new_tokens(out: torch.Tensor, prompt: torch.Tensor, seq2seq: bool) -> torch.Tensor:
+    """The generated part of ``generate``'s output (B, T_new). A causal LM returns prompt + new tokens,
+    unless the prompt reached it as embeddings only (soft-prompt methods pass ``inputs_embeds``): then,
+    like an encoder-decoder model, it returns the new tokens alone."""
     n = prompt.shape[1]
-    return not seq2seq and out.shape[1] >= n and torch.equal(out[:, :n], prompt)
+    starts_with_prompt = not seq2seq and out.shape[1] >= n and torch.equal(out[:, :n], prompt)
+    return out[:, n:] if starts_with_prompt else out

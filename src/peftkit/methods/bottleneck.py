@@ -370,5 +370,6 @@ register_preset(
         lambda o: BottleneckConfig(bottleneck_size=o.bottleneck_size, placement=o.placement, target_modules=o.target_modules),
         uses=frozenset({"bottleneck_size", "placement", "target_modules"}),
         help="bottleneck adapters: down-project, non-linearity, up-project, after (or beside) each block",
+        default_lr=5e-4,
     )
 )

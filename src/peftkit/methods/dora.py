@@ -98,5 +98,6 @@ register_preset(
         ),
         uses=frozenset({"rank", "alpha", "dropout", "target_modules"}),
         help="DoRA: LoRA on the direction of W plus a trained magnitude per output row",
+        default_lr=2e-4,
     )
 )

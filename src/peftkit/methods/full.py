@@ -81,5 +81,6 @@ register_preset(
         lambda o: FullConfig(),
         help="Full fine-tuning: every parameter trains (the baseline the PEFT methods are compared with)",
         saves_full_model=True,
+        default_lr=2e-5,
     )
 )

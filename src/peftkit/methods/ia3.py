@@ -206,5 +206,6 @@ register_preset(
         lambda o: IA3Config(target_modules=o.target_modules),
         uses=frozenset({"target_modules"}),
         help="(IA)^3: learned vectors rescale keys, values and the feed-forward input",
+        default_lr=3e-3,
     )
 )

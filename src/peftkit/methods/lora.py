@@ -419,5 +419,6 @@ register_preset(
         lambda o: LoraConfig(r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout, target_modules=o.target_modules),
         uses=frozenset({"rank", "alpha", "dropout", "target_modules"}),
         help="LoRA: frozen W plus a trained low-rank update (alpha/r) B A",
+        default_lr=2e-4,
     )
 )

@@ -82,5 +82,6 @@ register_preset(
         lambda o: PromptEncoderConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size or 128),
         uses=frozenset({"num_virtual_tokens", "encoder_hidden_size"}),
         help="P-tuning: virtual tokens produced by a small MLP prompt encoder, prepended to the input",
+        default_lr=1e-3,
     )
 )

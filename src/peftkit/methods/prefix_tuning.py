@@ -152,5 +152,6 @@ register_preset(
         lambda o: PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size),
         uses=frozenset({"num_virtual_tokens", "encoder_hidden_size"}),
         help="prefix tuning: trained key/value prefixes in every (decoder) self-attention layer; optional MLP, folded on save",
+        default_lr=1e-2,
     )
 )

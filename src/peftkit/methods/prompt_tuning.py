@@ -161,5 +161,6 @@ register_preset(
         lambda o: PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens, init_text=o.init_text),
         uses=frozenset({"num_virtual_tokens", "init_text"}),
         help="prompt tuning: trained embeddings prepended to the input (optionally started from a text)",
+        default_lr=3e-2,
     )
 )

@@ -163,6 +163,7 @@ register_preset(
         lambda o: SelectiveConfig(patterns=BIAS_PATTERNS, layers=o.layers),
         uses=frozenset({"layers"}),
         help="BitFit: train only the biases (refused on models without biases, e.g. T5 and Llama)",
+        default_lr=1e-3,
     )
 )
 register_preset(
@@ -171,6 +172,7 @@ register_preset(
         lambda o: SelectiveConfig(patterns=NORM_PATTERNS, layers=o.layers),
         uses=frozenset({"layers"}),
         help="LayerNorm/RMSNorm tuning: train only the normalization gains (and biases)",
+        default_lr=1e-3,
     )
 )
 register_preset(
@@ -179,6 +181,7 @@ register_preset(
         lambda o: SelectiveConfig(layers=o.layers or [-1]),
         uses=frozenset({"layers"}),
         help="Train every parameter of the last blocks of each layer stack (--layers -2 -1 for two; default the last)",
+        default_lr=5e-5,
     )
 )
 register_preset(
@@ -187,5 +190,6 @@ register_preset(
         lambda o: SelectiveConfig(patterns=o.patterns, layers=o.layers),
         uses=frozenset({"patterns", "layers"}),
         help="Train the parameters whose names match --patterns (regexes), optionally only in --layers",
+        default_lr=1e-4,
     )
 )

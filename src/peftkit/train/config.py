@@ -33,7 +33,8 @@ class TrainConfig:
         batch_size: Examples per forward pass and process. Global batch = batch_size x grad_accum x processes.
         grad_accum: Forward/backward passes whose gradients add up to one optimizer step (a larger effective
             batch without more memory).
-        lr: Peak learning rate of AdamW. Adapters train well around 1e-4..1e-3; full fine-tuning wants ~1e-5..5e-5.
+        lr: Peak learning rate of AdamW; none given: the method's own default (listed with the methods: adapters
+            train well around 1e-4..1e-3, full fine-tuning wants ~1e-5..5e-5, soft prompts 1e-2 or more).
         weight_decay: AdamW's decoupled weight decay.
         warmup: Fraction of the steps during which the learning rate rises linearly from 0 (0.05 = the first 5%).
         schedule: Learning-rate decay after warmup: cosine or linear to 0, or constant.
@@ -66,7 +67,7 @@ class TrainConfig:
     limit: int | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float | None = None
     weight_decay: float = 0.0
     warmup: float = 0.05
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -96,7 +97,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}.")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}.")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup!r}.")

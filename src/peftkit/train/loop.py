@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -55,6 +56,7 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` and return what ``run.json`` records. Raises :class:`TrainingDiverged` on NaN/inf."""
     cfg.check_required()
+    reset_peak_memory()  # the peak reported in run.json is this run's, not the process's so far
     started = time.perf_counter()
     output = Path(cfg.output)
 
@@ -69,6 +71,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
     preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
+    lr = cfg.lr if cfg.lr is not None else preset.default_lr
     train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
@@ -78,7 +81,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     trainable, total = model.get_nb_trainable_parameters()
     say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
-        f"({100 * trainable / total:.4f}%); precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
+        f"({100 * trainable / total:.4f}%); lr {lr:g}{'' if cfg.lr is not None else ' (the method default)'}; precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
     # --- data: tokenized once; batches are lists of example indices -------------------------------
     train_set = encode_examples(train_examples, tokenizer, cfg.format, seq2seq)
@@ -98,7 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- optimizer, schedule, DDP ------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, schedule=cfg.schedule, warmup_steps=warmup_steps, total_steps=total_steps)
     )
@@ -158,7 +161,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 bar.close()
                 raise TrainingDiverged(_diverged_message(step + 1, step_loss, grad_norm, scheduler, output))
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -178,7 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "step": step,
                     "epoch": round(step / stream.batches_per_epoch, 4),
                     "loss": interval["loss"] / interval["targets"],
-                    "lr": lr,
+                    "lr": step_lr,
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": interval["tokens"] / seconds,
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
@@ -209,7 +212,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run: dict[str, Any] = {}
     if main:
         if preset.saves_full_model:
-            # Methods that train the base weights themselves (full): merging keeps the trained weights.
+            # The trained model itself: merging keeps what training changed (full fine-tuning's weights
+            # are the base weights; it refuses a plain unload, which would have to restore the originals).
             model.merge_and_unload().save_pretrained(output)
         else:
             model.save_pretrained(output)
@@ -218,6 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "peftkit_version": __version__,
             "config": dataclasses.asdict(cfg),
             "method": cfg.method,
+            "lr": lr,
             "saves_full_model": preset.saves_full_model,
             "seq2seq": seq2seq,
             "device": str(device),
@@ -275,11 +280,34 @@ def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, d
     return (total / count).item()
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory counters afresh: Linux's resident-set high-water mark (``VmHWM``) and, on
+    GPUs, PyTorch's allocator peak. ``getrusage``'s maximum cannot be reset and is even inherited from
+    the parent process across fork and exec, so it would report an earlier peak as this run's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "reset the peak resident set size to the current one" (Linux >= 4.0)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory(device: torch.device) -> dict[str, float | None]:
-    """Peak resident memory of this process (MB), and peak GPU memory when on a GPU."""
+    """Peak resident memory (MB) since :func:`reset_peak_memory`, and peak GPU memory when on a GPU.
+    Where ``/proc`` is missing (macOS, Windows) it falls back to the process's lifetime peak."""
     import resource
 
-    out: dict[str, float | None] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak_kb = None
+    try:
+        with open("/proc/self/status") as f:
+            peak_kb = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if peak_kb is None:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux; bytes on macOS
+        peak_kb = peak_kb / 1024 if sys.platform == "darwin" else peak_kb
+    out: dict[str, float | None] = {"peak_rss_mb": peak_kb / 1024}
     out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return out
 

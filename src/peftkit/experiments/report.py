@@ -1,0 +1,284 @@
+"""The comparison report: ``report.json`` (one object per entry, fields in :data:`REPORT_FIELDS`),
+``report.md`` (the table, a conclusion computed from the numbers, example predictions) and the plots.
+
+ROUGE values are fractions in [0, 1] in ``report.json`` and points (x 100) in ``report.md``. A delta is
+the entry's score minus the zero-shot baseline's, in the same unit; it is ``null`` without a baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..data import read_examples
+from ..evaluate import ROUGE_TYPES
+from ..io.files import atomic_write_text
+from .config import BASELINE, Entry, ExperimentConfig
+
+HEADLINE = "rougeL"  # the metric the conclusion and the sorted views use
+ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+
+REPORT_FIELDS: dict[str, str] = {
+    "name": "the entry's label (its sub-folder is runs/<name>)",
+    "method": "the method preset, or 'baseline' (the frozen base model, zero-shot)",
+    "status": "'ok', or 'failed' (then 'error' says why and most numbers are absent)",
+    "error": "the error of a failed entry, else null",
+    "lr": "peak learning rate used (null for the baseline)",
+    "method_options": "the method options the entry used (rank, target_modules, ...)",
+    **{k: f"{ROUGE_NAMES[k]} F-measure on the evaluation rows, mean over rows, in [0, 1]" for k in ROUGE_TYPES},
+    **{f"{k}_delta": f"{ROUGE_NAMES[k]} minus the baseline's (null without a baseline)" for k in ROUGE_TYPES},
+    "eval_examples": "rows scored",
+    "eval_examples_per_s": "batched evaluation throughput (generation only)",
+    "trainable_params": "parameters trained (0 for the baseline)",
+    "total_params": "all parameters of the model as trained (base model plus adapter)",
+    "trainable_percent": "100 x trainable_params / total_params",
+    "saves_full_model": "true when the result is a whole model (full fine-tuning), not an adapter",
+    "train_steps": "optimizer steps run",
+    "train_examples_seen": "train_steps x examples per step",
+    "final_train_loss": "training loss of the last step",
+    "peak_train_memory_mb": "peak resident memory (RSS) of the training, in MB (from the model load to the save)",
+    "peak_train_gpu_memory_mb": "peak GPU memory allocated by PyTorch while training, in MB (null on a CPU)",
+    "train_time_s": "training wall time in seconds (the steps, without loading or saving)",
+    "train_tokens_per_s": "training tokens (prompt and target) per second",
+    "precision": "arithmetic of the evaluation: bf16 (autocast) or fp32",
+    "stored_bytes": "bytes on disk a task needs: the adapter's files, or the whole model's weights and config",
+    "stored_files": "{file: bytes} counted in stored_bytes",
+    "latency_rows": "rows generated one at a time for the latency figures",
+    "latency_s_per_example": "seconds to generate one example alone (adapter attached, unmerged)",
+    "latency_ms_per_token": "the same per generated token, in milliseconds",
+    "latency_new_tokens_per_example": "tokens generated per example in the latency runs",
+    "latency_merged_s_per_example": "seconds per example with the adapter merged into the weights (null if it cannot merge)",
+    "latency_merged_ms_per_token": "the same per generated token, in milliseconds",
+    "entry_wall_time_s": "wall time of the entry's last run: training, evaluation and latency together",
+    "run_dir": "the entry's folder, relative to the report",
+}
+
+
+def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results: list[dict[str, Any]],
+                 wall_time_s: float) -> dict[str, Any]:
+    """``report.json``'s content: settings, one object per entry (with deltas), the conclusion, examples."""
+    baseline = next((r for r in results if r["method"] == BASELINE and r["status"] == "ok"), None)
+    methods = [method_row(r, baseline) for r in results]
+    return {
+        "kind": kind,
+        "peftkit_version": __version__,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "wall_time_s": wall_time_s,
+        "entries_wall_time_s": sum(r.get("entry_wall_time_s") or 0 for r in results),
+        "settings": {**dataclasses.asdict(cfg), "entries": [e.name for e in entries]},
+        "methods": methods,
+        "conclusion": conclusion(methods),
+        "examples": examples(cfg, methods),
+    }
+
+
+def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """One report object: the entry's result, its deltas against the baseline, its folder."""
+    row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback")}
+    for k in ROUGE_TYPES:
+        ok = baseline is not None and result["status"] == "ok"
+        row[f"{k}_delta"] = result[k] - baseline[k] if ok else None
+    row["run_dir"] = f"runs/{result['name']}"
+    return row
+
+
+def examples(cfg: ExperimentConfig, methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first ``example_rows`` evaluation rows with every finished entry's prediction."""
+    if cfg.example_rows == 0:
+        return []
+    rows = read_examples(cfg.eval_data, cfg.format.input_field, cfg.format.target_field, limit=cfg.example_rows)
+    out = [{"row": e.row, "input": e.source, "references": e.references, "predictions": {}} for e in rows]
+    for m in methods:
+        path = Path(cfg.output) / m["run_dir"] / "eval" / "predictions.jsonl"
+        if m["status"] != "ok" or not path.is_file():
+            continue
+        predictions = {p["row"]: p["prediction"] for p in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        for example in out:
+            example["predictions"][m["name"]] = predictions.get(example["row"])
+    return out
+
+
+# --- the conclusion: sentences chosen and filled from the numbers ------------------------------------------
+def conclusion(methods: list[dict[str, Any]]) -> str:
+    ok = [m for m in methods if m["status"] == "ok"]
+    failed = [m["name"] for m in methods if m["status"] != "ok"]
+    baseline = next((m for m in ok if m["method"] == BASELINE), None)
+    trained = [m for m in ok if m["method"] != BASELINE]
+    name = ROUGE_NAMES[HEADLINE]
+    parts: list[str] = []
+    if not trained:
+        parts.append("No trained entry finished." if baseline is None else
+                     f"Only the zero-shot baseline finished ({name} {_points(baseline[HEADLINE])}).")
+    else:
+        best = max(trained, key=lambda m: m[HEADLINE])
+        versus = f" ({_signed(best[HEADLINE] - baseline[HEADLINE])} over the zero-shot baseline's {_points(baseline[HEADLINE])})" if baseline else ""
+        parts.append(f"Best {name}: {best['name']} with {_points(best[HEADLINE])}{versus}.")
+        whole = [m for m in trained if m["saves_full_model"]]
+        efficient = [m for m in trained if not m["saves_full_model"]]
+        if whole and efficient:
+            full = max(whole, key=lambda m: m[HEADLINE])
+            peft = max(efficient, key=lambda m: m[HEADLINE])
+            parts.append(_efficient_vs_full(peft, full, baseline))
+        if baseline is not None:
+            behind = [m["name"] for m in trained if m[HEADLINE] <= baseline[HEADLINE]]
+            if behind:
+                parts.append(f"{_join(behind)} did not beat the baseline on {name}.")
+        merged = [m for m in ok if m.get("latency_merged_ms_per_token") and m.get("latency_ms_per_token")]
+        if merged:
+            m = max(merged, key=lambda m: m[HEADLINE])
+            overhead = m["latency_ms_per_token"] / m["latency_merged_ms_per_token"] - 1
+            parts.append(f"Unmerged, {m['name']} generates {_percent(overhead)} {'slower' if overhead >= 0 else 'faster'} per token "
+                         f"than merged ({m['latency_ms_per_token']:.1f} vs {m['latency_merged_ms_per_token']:.1f} ms).")
+    if failed:
+        parts.append(f"{_join(failed)} failed (see report.json).")
+    return " ".join(parts)
+
+
+def _efficient_vs_full(peft: dict[str, Any], full: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    name = ROUGE_NAMES[HEADLINE]
+    text = f"{peft['name']} trains {_percent_of(peft['trainable_percent'])} of the parameters and "
+    if baseline is not None and full[HEADLINE] - baseline[HEADLINE] > 0 and peft[HEADLINE] < full[HEADLINE]:
+        share = (peft[HEADLINE] - baseline[HEADLINE]) / (full[HEADLINE] - baseline[HEADLINE])
+        text += f"recovers {100 * share:.0f}% of {full['name']}'s {name} gain ({_points(peft[HEADLINE])} vs {_points(full[HEADLINE])})"
+    elif peft[HEADLINE] >= full[HEADLINE]:
+        text += f"matches or beats {full['name']} on {name} ({_points(peft[HEADLINE])} vs {_points(full[HEADLINE])})"
+    else:
+        text += f"scores {_points(peft[HEADLINE])} against {full['name']}'s {_points(full[HEADLINE])} on {name}"
+    costs = []
+    if peft["stored_bytes"] and full["stored_bytes"]:
+        costs.append(f"stores {_size(peft['stored_bytes'])} per task instead of {_size(full['stored_bytes'])}")
+    ratios = [f"{peft[key] / full[key]:.2f}x the {what}" for key, what in
+              (("peak_train_memory_mb", "peak training memory"), ("train_time_s", "training time")) if peft.get(key) and full.get(key)]
+    if ratios:
+        costs.append(f"needs {' and '.join(ratios)} of {full['name']}")
+    return text + ("; it " + ", and ".join(costs) if costs else "") + "."
+
+
+# --- report.md --------------------------------------------------------------------------------------------
+def markdown(report: dict[str, Any], plots: list[str]) -> str:
+    s = report["settings"]
+    steps = f"{s['max_steps']} steps" if s["max_steps"] else f"{s['epochs']:g} epoch(s)"
+    trained = next((m for m in report["methods"] if m["status"] == "ok" and m["train_steps"]), None)
+    seen = f" ({trained['train_examples_seen']} examples seen)" if trained else ""
+    rows = f"the first {s['eval_limit']} rows" if s["eval_limit"] else "all rows"
+    decoding = "greedy" if s["num_beams"] == 1 else f"beam search ({s['num_beams']} beams)"
+    limited = f" (first {s['limit']} rows)" if s["limit"] else ""
+    lines = [
+        f"# peftkit {report['kind']}: {s['model']}",
+        "",
+        f"Training: `{s['train_data']}`{limited}, "
+        f"{steps} of {s['batch_size'] * s['grad_accum']} examples{seen}, seed {s['seed']}, {s['schedule']} schedule, "
+        f"warmup {s['warmup']:g}, precision {s['precision']}.",
+        f"Evaluation: {rows} of `{s['eval_data']}`, {decoding}, at most {s['max_new_tokens']} new tokens; "
+        f"latency on {s['latency_rows']} rows generated one at a time. The entries took {_duration(report['entries_wall_time_s'])} "
+        f"in all (training, evaluation and timing, each in its last run; this run: {_duration(report['wall_time_s'])}); "
+        f"peftkit {report['peftkit_version']}, {report['created']}.",
+        "",
+        table(report["methods"]),
+        "",
+        f"**Conclusion.** {report['conclusion']}",
+        "",
+    ]
+    for m in report["methods"]:
+        if m["status"] != "ok":
+            lines += [f"- **{m['name']} failed:** `{m['error']}`", ""]
+    lines += [f"![{p}]({p})" for p in plots] + [""]
+    if report["examples"]:
+        lines += ["## Example predictions", ""]
+        for ex in report["examples"]:
+            source = ex["input"] if len(ex["input"]) <= 600 else ex["input"][:600] + " ..."
+            lines += [f"### Row {ex['row']}", "", "```text", source, "```", ""]
+            lines += [f"- **reference{'' if len(ex['references']) == 1 else f' {i}'}:** {r}" for i, r in enumerate(ex["references"], 1)]
+            lines += [f"- **{name}:** {_cell(p) if p is not None else '(missing)'}" for name, p in ex["predictions"].items()]
+            lines.append("")
+    lines += ["Field definitions: `peftkit.experiments.report.REPORT_FIELDS` (and the README)."]
+    return "\n".join(lines) + "\n"
+
+
+def table(methods: list[dict[str, Any]]) -> str:
+    head = ["method", "lr", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ΔROUGE-L vs baseline", "trainable params",
+            "trainable %", "peak train memory", "train time", "train tokens/s", "stored per task",
+            "latency / example (merged)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(head))) + "|"]
+    for m in methods:
+        if m["status"] != "ok":
+            lines.append("| " + " | ".join([m["name"], "failed"] + [""] * (len(head) - 2)) + " |")
+            continue
+        latency = "-" if m["latency_s_per_example"] is None else f"{m['latency_s_per_example']:.2f} s"
+        if m["latency_merged_s_per_example"] is not None:
+            latency += f" ({m['latency_merged_s_per_example']:.2f} s)"
+        cells = [
+            m["name"],
+            "-" if m["lr"] is None else f"{m['lr']:g}",
+            *(_points(m[k]) for k in ROUGE_TYPES),
+            "-" if m["rougeL_delta"] is None or m["method"] == BASELINE else _signed(m["rougeL_delta"]),
+            _count(m["trainable_params"]),
+            f"{m['trainable_percent']:.3g}%",
+            "-" if m["peak_train_memory_mb"] is None else _size(m["peak_train_memory_mb"] * 2**20),
+            "-" if m["train_time_s"] is None else _duration(m["train_time_s"]),
+            "-" if m["train_tokens_per_s"] is None else f"{m['train_tokens_per_s']:.0f}",
+            "-" if not m["stored_bytes"] else _size(m["stored_bytes"]),
+            latency,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(output: Path, report: dict[str, Any], entries: list[Entry]) -> None:
+    from .plots import write_plots  # matplotlib only when writing
+
+    plots = write_plots(output, report)
+    report["plots"] = plots
+    atomic_write_text(output / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(output / "report.md", markdown(report, plots))
+
+
+# --- formatting ---------------------------------------------------------------------------------------------
+def _points(fraction: float) -> str:
+    return f"{100 * fraction:.2f}"
+
+
+def _signed(fraction: float) -> str:
+    return f"{100 * fraction:+.2f}"
+
+
+def _percent(x: float) -> str:
+    return f"{100 * abs(x):.1f}%"
+
+
+def _percent_of(percent: float) -> str:
+    return f"{percent:.2g}%" if percent < 1 else f"{percent:.1f}%"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _size(n_bytes: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.{1 if n_bytes / size < 100 else 0}f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {secs:02d}s"
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()) or "(empty)"
+

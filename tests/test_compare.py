@@ -1,0 +1,329 @@
+"""`peftkit compare` / `peftkit sweep` on tiny models: the report's fields and arithmetic, failures, resume, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tiny_pipeline as tiny
+from peftkit.cli import main
+from peftkit.data import PromptFormat
+from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build_experiment_config, run_experiment
+from peftkit.experiments import worker as worker_module
+from peftkit.experiments.runner import _execute, entry_spec, file_identity
+from peftkit.presets import get_preset
+from peftkit.train import loop as loop_module
+
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    return {
+        "root": root,
+        "llama": tiny.model_dir(root, "llama"),
+        "train": tiny.write_jsonl(root / "train.jsonl", tiny.dialogue_rows(32, seed=0)),
+        "eval": tiny.write_jsonl(root / "eval.jsonl", tiny.dialogue_rows(8, seed=1, references=2)),
+    }
+
+
+def settings(work, output, cls=CompareConfig, **kw):
+    """A few steps and rows on the tiny Llama, in this process (isolate=False keeps the tests fast)."""
+    base = dict(model=work["llama"], train_data=work["train"], eval_data=work["eval"], output=str(output), max_steps=4,
+                batch_size=4, eval_limit=6, max_new_tokens=6, eval_batch_size=4, latency_rows=2, example_rows=2,
+                precision="fp32", isolate=False, log_every=2, format=PromptFormat(max_source_tokens=48))
+    return cls(**{**base, **kw})
+
+
+def report_of(output) -> dict:
+    return json.loads((Path(output) / "report.json").read_text())
+
+
+def by_name(report) -> dict[str, dict]:
+    return {m["name"]: m for m in report["methods"]}
+
+
+@pytest.fixture(scope="module")
+def compared(work):
+    """baseline, full, lora (lr given per method) and ia3 (its default lr), through the command line."""
+    out = work["root"] / "cmp"
+    code = main(["compare", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
+                 "--output", str(out), "--methods", "baseline,full,lora,ia3", "--per-method", "lora.lr=5e-3,lora.rank=4",
+                 "--max-steps", "4", "--batch-size", "4", "--eval-limit", "6", "--max-new-tokens", "6",
+                 "--eval-batch-size", "4", "--latency-rows", "2", "--example-rows", "2", "--precision", "fp32",
+                 "--no-isolate", "--max-source-tokens", "48"])
+    return code, out, report_of(out)
+
+
+def test_every_documented_field_is_in_every_finished_entry(compared):
+    code, _, report = compared
+    assert code == 0
+    assert [m["name"] for m in report["methods"]] == ["baseline", "full", "lora", "ia3"]
+    for m in report["methods"]:
+        assert m["status"] == "ok", m
+        assert set(REPORT_FIELDS) <= set(m), sorted(set(REPORT_FIELDS) - set(m))
+        assert set(m) <= set(REPORT_FIELDS), sorted(set(m) - set(REPORT_FIELDS))  # nothing undocumented either
+
+
+def test_rouge_and_deltas_are_the_evaluations_numbers(compared):
+    _, out, report = compared
+    rows = by_name(report)
+    for name, m in rows.items():
+        metrics = json.loads((out / "runs" / name / "eval" / "metrics.json").read_text())
+        assert metrics["n"] == m["eval_examples"] == 6 and metrics["references_per_example"] == 2
+        for k in ROUGE:
+            assert m[k] == metrics[k]
+            assert m[f"{k}_delta"] == pytest.approx(m[k] - rows["baseline"][k], abs=1e-12)
+    assert all(rows["baseline"][f"{k}_delta"] == 0 for k in ROUGE)
+
+
+def test_parameters_learning_rates_and_stored_sizes(compared, work):
+    _, out, report = compared
+    rows = by_name(report)
+    total = rows["baseline"]["total_params"]
+    # LoRA r=4 on q_proj (32 -> 32) and v_proj (32 -> 16) of 2 layers: r x (in + out) each.
+    assert rows["lora"]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
+    assert rows["lora"]["method_options"]["rank"] == 4
+    assert rows["lora"]["total_params"] == total + rows["lora"]["trainable_params"]
+    assert rows["full"]["trainable_params"] == rows["full"]["total_params"] == total
+    assert rows["baseline"]["trainable_params"] == 0 and rows["baseline"]["trainable_percent"] == 0
+    for m in rows.values():
+        assert m["trainable_percent"] == pytest.approx(100 * m["trainable_params"] / m["total_params"])
+    assert rows["full"]["trainable_percent"] == pytest.approx(100)
+    # Learning rates: given per method, or the method's default; each recorded in the entry's run.json too.
+    assert (rows["lora"]["lr"], rows["ia3"]["lr"], rows["full"]["lr"]) == (5e-3, get_preset("ia3").default_lr, get_preset("full").default_lr)
+    assert json.loads((out / "runs" / "lora" / "train" / "run.json").read_text())["lr"] == 5e-3
+    assert rows["baseline"]["lr"] is None
+    # Stored per task: the adapter files, or the whole model's weights and configs; never the tokenizer or logs.
+    lora_dir = out / "runs" / "lora" / "train"
+    assert rows["lora"]["stored_files"] == {n: (lora_dir / n).stat().st_size for n in ("adapter_config.json", "adapter_model.safetensors")}
+    assert rows["lora"]["stored_bytes"] == sum(rows["lora"]["stored_files"].values())
+    assert "model.safetensors" in rows["full"]["stored_files"] and "tokenizer.json" not in rows["full"]["stored_files"]
+    assert rows["full"]["stored_bytes"] > 4 * total  # fp32 weights
+    assert rows["baseline"]["stored_bytes"] == 0
+
+
+def test_training_and_latency_figures(compared):
+    _, _, report = compared
+    rows = by_name(report)
+    for name in ("full", "lora", "ia3"):
+        m = rows[name]
+        assert m["train_steps"] == 4 and m["train_examples_seen"] == 16
+        assert m["train_time_s"] > 0 and m["train_tokens_per_s"] > 0 and m["peak_train_memory_mb"] > 0
+    assert rows["baseline"]["train_time_s"] is None and rows["baseline"]["peak_train_memory_mb"] is None
+    for m in rows.values():
+        assert m["latency_rows"] == 2 and m["latency_s_per_example"] > 0 and m["latency_ms_per_token"] > 0
+    # Mergeable adapters are timed merged too; a plain model (baseline, full) has nothing to merge.
+    assert rows["lora"]["latency_merged_s_per_example"] > 0 and rows["ia3"]["latency_merged_s_per_example"] > 0
+    assert rows["baseline"]["latency_merged_s_per_example"] is None and rows["full"]["latency_merged_s_per_example"] is None
+
+
+def test_report_markdown_plots_and_examples(compared, work):
+    _, out, report = compared
+    md = (out / "report.md").read_text()
+    for name in ("baseline", "full", "lora", "ia3"):
+        assert f"| {name} |" in md
+    assert report["conclusion"] and report["conclusion"] in md
+    best = max((m for m in report["methods"] if m["method"] != "baseline"), key=lambda m: m["rougeL"])
+    assert report["conclusion"].startswith(f"Best ROUGE-L: {best['name']} with {100 * best['rougeL']:.2f}")
+    assert report["plots"] == ["quality_vs_params.png", "costs.png"]
+    for plot in report["plots"]:
+        data = (out / plot).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+        assert f"![{plot}]({plot})" in md
+    # Example predictions: the first rows, every entry's prediction as in its predictions.jsonl.
+    assert [e["row"] for e in report["examples"]] == [1, 2]
+    lora_predictions = [json.loads(line) for line in (out / "runs" / "lora" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert report["examples"][0]["predictions"]["lora"] == lora_predictions[0]["prediction"]
+    assert len(report["examples"][0]["references"]) == 2 and report["examples"][0]["references"][0] in md
+
+
+def test_a_failing_method_is_reported_and_the_others_still_run(work, capsys):
+    # BitFit trains biases; Llama has none, so its training fails. lora after it must still run.
+    out = work["root"] / "failing"
+    code = main(["compare", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
+                 "--output", str(out), "--methods", "baseline,bitfit,lora", "--max-steps", "2", "--eval-limit", "4",
+                 "--max-new-tokens", "4", "--latency-rows", "1", "--precision", "fp32", "--no-isolate",
+                 "--max-source-tokens", "48"])
+    assert code == 1  # the command says that something failed
+    rows = by_name(report_of(out))
+    assert rows["bitfit"]["status"] == "failed" and "selects no parameter" in rows["bitfit"]["error"]
+    assert rows["bitfit"]["rouge1_delta"] is None
+    assert rows["baseline"]["status"] == rows["lora"]["status"] == "ok"
+    assert "bitfit failed" in report_of(out)["conclusion"]
+    printed = capsys.readouterr().out
+    assert "| bitfit | failed |" in printed and "report.md" in printed
+
+
+def test_a_worker_process_that_dies_is_a_failed_entry(work, tmp_path):
+    cfg = settings(work, tmp_path)
+    entry = cfg.entries()[0]
+    run_dir = tmp_path / "runs" / entry.name
+    run_dir.mkdir(parents=True)
+    spec = entry_spec(cfg, entry, {"eval": file_identity(cfg.eval_data)})
+    (run_dir / "spec.json").write_text("{ not json")  # the worker process crashes before it can write a result
+    result = _execute(run_dir, spec, isolate=True)
+    assert result["status"] == "failed" and "exited with code" in result["error"]
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+
+
+def test_resume_reuses_finished_entries_and_reruns_changed_ones(work, tmp_path, monkeypatch, capsys):
+    trained = []
+    real_train = loop_module.train
+
+    def counting_train(cfg):
+        trained.append((cfg.method, cfg.lr))
+        return real_train(cfg)
+
+    monkeypatch.setattr(worker_module, "train", counting_train)
+    run_experiment(settings(work, tmp_path, methods=["baseline", "lora"]))
+    assert trained == [("lora", get_preset("lora").default_lr)]
+    first = by_name(report_of(tmp_path))
+
+    # The same command again: nothing trains, the report is the same.
+    run_experiment(settings(work, tmp_path, methods=["baseline", "lora"]))
+    assert len(trained) == 1
+    again = by_name(report_of(tmp_path))
+    assert again["lora"]["rougeL"] == first["lora"]["rougeL"] and again["lora"]["train_time_s"] == first["lora"]["train_time_s"]
+    assert "finished earlier with the same settings" in capsys.readouterr().out
+
+    # Extended with another method: only the new one runs.
+    run_experiment(settings(work, tmp_path, methods=["baseline", "lora", "ia3"]))
+    assert [m for m, _ in trained] == ["lora", "ia3"]
+
+    # lora's learning rate changes: lora runs again (and says why); baseline and ia3 are reused.
+    run_experiment(settings(work, tmp_path, methods=["baseline", "lora", "ia3"], per_method=["lora.lr=1e-2"]))
+    assert trained[-1] == ("lora", 1e-2) and len(trained) == 3
+    assert "train.lr: 0.0002 -> 0.01" in capsys.readouterr().out
+    assert by_name(report_of(tmp_path))["lora"]["lr"] == 1e-2
+
+    # A change every entry depends on (the evaluation rows) reruns all of them, the baseline too.
+    run_experiment(settings(work, tmp_path, methods=["baseline", "lora", "ia3"], per_method=["lora.lr=1e-2"], eval_limit=5))
+    assert len(trained) == 5
+    assert all(m["eval_examples"] == 5 for m in report_of(tmp_path)["methods"])
+
+
+def test_an_edited_data_file_is_noticed(work, tmp_path, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_text(Path(work["train"]).read_text())
+    calls = []
+    monkeypatch.setattr(worker_module, "train", lambda cfg: calls.append(cfg) or loop_module.train(cfg))
+    run_experiment(settings(work, tmp_path / "out", methods=["lora"], train_data=str(data), latency_rows=0))
+    data.write_text("".join(Path(work["train"]).read_text().splitlines(keepends=True)[:20]))  # same name, new content
+    run_experiment(settings(work, tmp_path / "out", methods=["lora"], train_data=str(data), latency_rows=0))
+    assert len(calls) == 2
+
+
+def test_an_interrupted_entry_keeps_its_finished_stages(work, tmp_path, monkeypatch):
+    cfg = settings(work, tmp_path, methods=["lora"], latency_rows=0)
+    run_experiment(cfg)
+    (tmp_path / "runs" / "lora" / "result.json").unlink()  # as if killed after training and evaluation
+    monkeypatch.setattr(worker_module, "train", lambda cfg: pytest.fail("trained again"))
+    monkeypatch.setattr(worker_module, "evaluate", lambda cfg: pytest.fail("evaluated again"))
+    assert by_name(run_experiment(cfg))["lora"]["status"] == "ok"
+
+
+def test_rank_sweep(work, tmp_path):
+    cfg = settings(work, tmp_path, SweepConfig, ranks=[2, 4], target_module_sets=["q_proj", "q_proj+v_proj"], latency_rows=0)
+    report = run_experiment(cfg, kind="sweep")
+    rows = by_name(report)
+    assert list(rows) == ["baseline", "lora-r2-q_proj", "lora-r4-q_proj", "lora-r2-q_proj+v_proj", "lora-r4-q_proj+v_proj"]
+    # r x (in + out) per adapted layer; q_proj is 32 -> 32, v_proj 32 -> 16; 2 layers.
+    for rank in (2, 4):
+        assert rows[f"lora-r{rank}-q_proj"]["trainable_params"] == 2 * rank * 64
+        assert rows[f"lora-r{rank}-q_proj+v_proj"]["trainable_params"] == 2 * rank * (64 + 48)
+        assert rows[f"lora-r{rank}-q_proj"]["method_options"]["alpha"] is None  # alpha = 2 x rank: same scale
+    assert report["plots"] == ["quality_vs_params.png", "costs.png", "rank_sweep.png"]
+    assert (tmp_path / "rank_sweep.png").read_bytes().startswith(PNG)
+
+
+def test_sweep_command_line(work, tmp_path, capsys):
+    code = main(["sweep", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
+                 "--output", str(tmp_path), "--ranks", "1,2", "--no-baseline", "--max-steps", "1", "--eval-limit", "2",
+                 "--max-new-tokens", "2", "--latency-rows", "0", "--example-rows", "0", "--precision", "fp32",
+                 "--no-isolate", "--max-source-tokens", "48"])
+    assert code == 0
+    assert [m["name"] for m in report_of(tmp_path)["methods"]] == ["lora-r1", "lora-r2"]
+    assert "| lora-r2 |" in capsys.readouterr().out
+
+
+# --- settings that are refused before anything runs --------------------------------------------------
+@pytest.mark.parametrize("kw, message", [
+    ({"methods": ["baseline", "lorra"]}, "Unknown method 'lorra'"),
+    ({"methods": ["lora", "lora"]}, "more than once"),
+    ({"methods": []}, "empty"),
+    ({"per_method": ["lora.rank16"]}, "NAME.KEY=VALUE"),
+    ({"methods": ["lora", "a b=lora"]}, "NAME=METHOD"),
+    ({"methods": ["lora", "lora2=lorra"]}, "Unknown method 'lorra'"),
+    ({"per_method": ["ia3.lr=1e-3"]}, "not in --methods"),
+    ({"per_method": ["full.rank=4"]}, "full does not use 'rank'"),
+    ({"per_method": ["baseline.lr=1e-3"]}, "baseline trains nothing"),
+    ({"per_method": ["lora.lr=-1"]}, "must be > 0"),
+    ({"num_virtual_tokens": 4}, "used by none of the entries"),
+    ({"latency_rows": -1}, "latency_rows must be"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be"),
+    ({"batch_size": 0}, "batch_size must be"),
+])
+def test_bad_settings_are_refused(kw, message):
+    options = {k: v for k, v in kw.items() if k == "num_virtual_tokens"}
+    rest = {k: v for k, v in kw.items() if k != "num_virtual_tokens"}
+    base = {"methods": ["baseline", "full", "lora"], "train_data": "t.jsonl", "eval_data": "e.jsonl", "output": "o"}
+    with pytest.raises(ValueError, match=message):
+        if options:
+            build_experiment_config(CompareConfig, None, None, **base, **options)
+        else:
+            CompareConfig(**{**base, **rest})
+
+
+def test_missing_data_or_output_is_refused():
+    with pytest.raises(ValueError, match="Missing --train-data"):
+        CompareConfig(eval_data="e.jsonl", output="o").check_required()
+    CompareConfig(methods=["baseline"], eval_data="e.jsonl", output="o").check_required()  # the baseline trains nothing
+
+
+def test_per_method_settings_from_yaml_and_the_command_line(tmp_path):
+    yaml_file = tmp_path / "cmp.yaml"
+    yaml_file.write_text("methods: [baseline, lora, prompt_tuning]\nmax_steps: 30\nper_method:\n  lora: {rank: 16, lr: 5e-4, "
+                         "target_modules: [q_proj, v_proj]}\n  prompt_tuning: {num_virtual_tokens: 8}\n")
+    cfg = build_experiment_config(CompareConfig, str(yaml_file), ["eval_limit=10"], train_data="t", eval_data="e", output="o")
+    lora, prompt = cfg.entries()[1:]
+    assert (lora.options.rank, lora.lr, lora.options.target_modules) == (16, 5e-4, ["q_proj", "v_proj"])
+    assert prompt.options.num_virtual_tokens == 8 and prompt.lr == get_preset("prompt_tuning").default_lr
+    assert cfg.max_steps == 30 and cfg.eval_limit == 10
+    # On the command line a list value keeps its commas.
+    cfg = CompareConfig(methods=["lora"], per_method=["lora.target_modules=q_proj", "k_proj", "lora.rank=2"])
+    assert (cfg.entries()[0].options.target_modules, cfg.entries()[0].options.rank) == (["q_proj", "k_proj"], 2)
+    # Two settings of one method, under their own names.
+    cfg = CompareConfig(methods=["lora", "lora_all=lora"], per_method=["lora_all.target_modules=all-linear", "lora_all.lr=1e-3"])
+    (lora, lora_all) = cfg.entries()
+    assert (lora.name, lora.method, lora.options.target_modules) == ("lora", "lora", None)
+    assert (lora_all.name, lora_all.method, lora_all.options.target_modules, lora_all.lr) == ("lora_all", "lora", "all-linear", 1e-3)
+    # A shared option goes to the methods that use it only.
+    cfg = CompareConfig(methods=["full", "lora"], method_options=type(cfg.method_options)(rank=32))
+    full, lora = cfg.entries()
+    assert lora.options.rank == 32 and full.options.rank == type(cfg.method_options)().rank
+
+
+def test_train_uses_the_methods_default_lr_when_none_is_given(work, tmp_path):
+    from peftkit.train import TrainConfig, train
+
+    cfg = TrainConfig(model=work["llama"], data=work["train"], output=str(tmp_path), method="ia3", max_steps=1,
+                      precision="fp32", format=PromptFormat(max_source_tokens=48))
+    assert train(cfg)["lr"] == get_preset("ia3").default_lr != get_preset("lora").default_lr
+
+
+def test_peak_memory_is_the_runs_own(tmp_path):
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc")
+    import torch
+
+    big = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    before = loop_module.peak_memory(torch.device("cpu"))["peak_rss_mb"]
+    del big
+    loop_module.reset_peak_memory()
+    after = loop_module.peak_memory(torch.device("cpu"))["peak_rss_mb"]
+    assert after < before - 32  # the 64 MB peak is forgotten after the reset
