@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import check, dialogsum, load_average, load_smollm2, median, print_rows, save, set_threads
+from common import check, dialogsum, load_average, load_base, median, print_rows, save, set_threads
 
 LR, BATCH, RANK, ALPHA, WARMUP = 2e-4, 4, 8, 16, 0.05
 
@@ -42,13 +42,13 @@ def encoded_rows(tokenizer, split: str, limit: int, target_field: str = "summary
     return encode_examples(examples, tokenizer, PromptFormat(), seq2seq=False).items
 
 
-def reference_worker(output: str, examples: int, seed: int) -> None:
+def reference_worker(output: str, examples: int, seed: int, model_name: str) -> None:
     """The standard recipe: Trainer + peft, fp32, DataCollatorForSeq2Seq. Prints a JSON line."""
     started = time.perf_counter()
     import peft
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    load, tokenizer, _ = load_smollm2()
+    load, tokenizer, _ = load_base(model_name)
     model = peft.get_peft_model(load(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                         target_modules=["q_proj", "v_proj"]))
     items = encoded_rows(tokenizer, "dev", examples)
@@ -69,8 +69,8 @@ def reference_worker(output: str, examples: int, seed: int) -> None:
                       "final_loss": result.metrics.get("train_loss"), "inner_wall_s": time.perf_counter() - started}))
 
 
-def run_peftkit(output: str, examples: int, seed: int) -> dict:
-    cmd = [str(Path(sys.executable).with_name("peftkit")), "train", "--data", str(dialogsum("dev")), "--limit", str(examples),
+def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
+    cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
            "--output", output, "--method", "lora", "--rank", str(RANK), "--alpha", str(ALPHA), "--dropout", "0",
            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
            "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10"]
@@ -85,10 +85,10 @@ def run_peftkit(output: str, examples: int, seed: int) -> dict:
             "precision": run["precision"], "final_loss": run["final_loss"]}
 
 
-def run_reference(output: str, examples: int, seed: int) -> dict:
+def run_reference(output: str, examples: int, seed: int, model_name: str) -> dict:
     started = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--worker", "reference", "--worker-output", output, "--examples", str(examples),
-                          "--seed", str(seed)], capture_output=True, text=True, check=False)
+                          "--seed", str(seed), "--model", model_name], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(f"reference pipeline failed:\n{out.stderr[-3000:]}")
@@ -97,11 +97,11 @@ def run_reference(output: str, examples: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(adapter_dir: str, rows: int) -> float:
+def heldout_loss(adapter_dir: str, rows: int, model_name: str) -> float:
     """Mean token cross-entropy of base + adapter on the held-out rows, fp32, one row at a time (no padding)."""
     import peft
 
-    load, tokenizer, _ = load_smollm2()
+    load, tokenizer, _ = load_base(model_name)
     model = peft.PeftModel.from_pretrained(load(), adapter_dir).eval()
     total, count = 0.0, 0
     for e in encoded_rows(tokenizer, "test", rows, target_field="summary1"):
@@ -120,21 +120,22 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=32, help="held-out rows for the loss")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each pipeline, alternating")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in both pipelines (default: one per core)")
     parser.add_argument("--worker", choices=["reference"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
     if args.worker:
-        return reference_worker(args.worker_output, args.examples, args.seed)
+        return reference_worker(args.worker_output, args.examples, args.seed, args.model)
     load_start = load_average()
     runs: dict[str, list[dict]] = {"peftkit": [], "reference": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for name, fn in (("reference", run_reference), ("peftkit", run_peftkit)):
                 out = f"{tmp}/{name}{i}"
-                result = fn(out, args.examples, args.seed)
-                result["heldout_loss"] = heldout_loss(out, args.heldout)
+                result = fn(out, args.examples, args.seed, args.model)
+                result["heldout_loss"] = heldout_loss(out, args.heldout, args.model)
                 result["tokens_per_s"] = result["tokens"] / result["train_time_s"]
                 result["load"] = load_average()
                 runs[name].append(result)
@@ -146,9 +147,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the untrained model's held-out loss, for scale
         import peft
 
-        load, _, _ = load_smollm2()
+        load, _, _ = load_base(args.model)
         peft.get_peft_model(load(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp)
-        base_loss = heldout_loss(tmp, args.heldout)
+        base_loss = heldout_loss(tmp, args.heldout, args.model)
     rows = [
         check("end-to-end fine-tune wall time, peftkit train / Trainer+peft", ours["wall_s"] / ref["wall_s"], "<= 0.50",
               f"{ours['wall_s']:.1f} s vs {ref['wall_s']:.1f} s ({args.examples} examples, {runs['peftkit'][0]['precision']} vs fp32)"),

@@ -23,7 +23,7 @@ import tempfile
 
 import peft
 import torch
-from common import (check, copy_lora_to_peft, interleaved, load_average, load_smollm2, median, print_rows, save,
+from common import (check, copy_lora_to_peft, interleaved, load_average, load_base, median, print_rows, save,
                     set_threads)
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
@@ -59,7 +59,7 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
     copy_lora_to_peft(ours, theirs, ["default"])
     ours, theirs = prepare(ours), prepare(theirs)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 49000, (1, args.prompt_tokens), generator=g)
+    ids = torch.randint(100, 49000, (1, args.prompt_tokens), generator=g).to(args.device)
     mask = torch.ones_like(ids)
     out = {}
     times = interleaved(
@@ -121,9 +121,12 @@ def mixed_batch(load, args, bf16: bool, label: str) -> tuple[list[dict], dict]:
     for row, length in enumerate(lengths.tolist()):  # left padding
         ids[row, -length:] = torch.randint(100, 49000, (length,), generator=g)
         mask[row, -length:] = 1
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    base = prepare(load())  # the same batch without adapters: what the adapters add on top of it
     out = {}
     times = interleaved(
         {
+            "base": lambda: generate(base, ids, mask, args.new_tokens, bf16),
             "peftkit": lambda: out.__setitem__("peftkit", generate(ours, ids, mask, args.new_tokens, bf16, adapter_names=names)),
             "peft": lambda: out.__setitem__("peft", generate(theirs, ids, mask, args.new_tokens, bf16, adapter_names=names)),
         },
@@ -132,11 +135,15 @@ def mixed_batch(load, args, bf16: bool, label: str) -> tuple[list[dict], dict]:
     med = {k: median(v) for k, v in times.items()}
     equal_rows = int((out["peftkit"] == out["peft"]).all(dim=1).sum())
     tokens = n * args.new_tokens
+    added = {k: med[k] - med["base"] for k in ("peftkit", "peft")}
     result = {"median_s": med, "times_s": times, "tokens_per_s": {k: tokens / v for k, v in med.items()},
-              "equal_rows": equal_rows, "rows": n, "prompt_lengths": lengths.tolist()}
+              "adapter_seconds": added, "equal_rows": equal_rows, "rows": n, "prompt_lengths": lengths.tolist()}
     rows = [
         check(f"mixed batch ({n} adapters) throughput peftkit / peft ({label})", med["peft"] / med["peftkit"], ">= 2.0",
-              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s"),
+              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s; the model without adapters: "
+              f"{tokens / med['base']:.1f}"),
+        check(f"mixed batch time added by the adapters, peft / peftkit ({label})", added["peft"] / max(added["peftkit"], 1e-9), None,
+              f"{added['peftkit']:.2f} s vs {added['peft']:.2f} s over the model without adapters ({med['base']:.2f} s)"),
         check(f"mixed batch rows equal to peft's ({label})", equal_rows / n, ">= 1.0", f"{equal_rows} of {n} rows"),
     ]
     return rows, result
@@ -153,11 +160,14 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure in bf16 (default: where bf16 is fast)")
     parser.add_argument("--parts", default="overhead,switch,mixed", help="comma-separated subset to run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     set_threads(args.threads)
-    bf16 = bf16_support(torch.device("cpu"))[0] if args.bf16 is None else args.bf16
+    device = torch.device(args.device)
+    bf16 = bf16_support(device)[0] if args.bf16 is None else args.bf16
     load_start = load_average()
-    load, _, _ = load_smollm2(args.model)
+    load_cpu, _, _ = load_base(args.model)
+    load = lambda: load_cpu().to(device)  # noqa: E731
     parts = args.parts.split(",")
     precisions = [("fp32", False)] + ([("bf16", True)] if bf16 else [])
     rows, results = [], {}

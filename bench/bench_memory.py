@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import check, load_average, load_smollm2, peak_rss_mib, print_rows, run_worker, save
+from common import check, load_average, load_base, peak_rss_mib, print_rows, run_worker, save, set_threads
 
 STEP_SCRIPT = str(Path(__file__).resolve().parent / "bench_train_step.py")
 
@@ -25,22 +25,25 @@ STEP_SCRIPT = str(Path(__file__).resolve().parent / "bench_train_step.py")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both (default fp32)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)
     if args.load_only:
-        load, _, _ = load_smollm2()
+        load, _, _ = load_base(args.model)
         load().to(args.device)
         print(json.dumps({"peak_mib": peak_rss_mib()}))
         return
     load_start = load_average()
     extra = ["--worker-bf16"] if args.bf16 else []
     peak = {
-        kind: run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device", args.device, *extra])["peak_mib"]
+        kind: run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device", args.device, "--model", args.model, *extra])["peak_mib"]
         for kind in ("lora", "full")
     }
     if args.device == "cpu":
-        peak["model_only"] = run_worker([__file__, "--load-only"])["peak_mib"]
+        peak["model_only"] = run_worker([__file__, "--load-only", "--model", args.model])["peak_mib"]
     precision = "bf16 autocast" if args.bf16 else "fp32"
     unit = "GPU max allocated" if args.device == "cuda" else "peak RSS"
     rows = [check(f"LoRA training peak memory / full fine-tuning ({precision})", peak["lora"] / peak["full"], "<= 0.60",

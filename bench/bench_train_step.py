@@ -25,7 +25,7 @@ import sys
 
 import peft
 import torch
-from common import (check, copy_lora_to_peft, dialogsum_training_batch, interleaved, load_average, load_smollm2, median,
+from common import (check, copy_lora_to_peft, dialogsum_training_batch, interleaved, load_average, load_base, median,
                     peak_rss_mib, print_rows, run_worker, save, set_threads)
 
 from peftkit import LoraConfig, get_peft_model
@@ -74,9 +74,9 @@ def peak_memory_mib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
 
 
-def worker(kind: str, bf16: bool, steps: int, device: torch.device) -> None:
+def worker(kind: str, bf16: bool, steps: int, device: torch.device, model: str) -> None:
     """Runs in its own process: a few steps of one candidate, then its peak memory as JSON."""
-    load, tokenizer, _ = load_smollm2()
+    load, tokenizer, _ = load_base(model)
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer).items()}
     _, step = build(kind, load, device)
     for _ in range(steps):
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure under bf16 autocast (default: where bf16 is fast)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", choices=(*CANDIDATES, "full"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-bf16", action="store_true", help=argparse.SUPPRESS)
@@ -100,11 +101,11 @@ def main() -> None:
     set_threads(args.threads)
     device = torch.device(args.device)
     if args.worker:
-        return worker(args.worker, args.worker_bf16, 3, device)
+        return worker(args.worker, args.worker_bf16, 3, device, args.model)
     bf16 = bf16_support(device)[0] if args.bf16 is None else args.bf16
     load_start = load_average()
 
-    load, tokenizer, _ = load_smollm2()
+    load, tokenizer, _ = load_base(args.model)
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer, args.rows, args.tokens).items()}
     targets = int((batch["labels"][:, 1:] != -100).sum())
     steps = {kind: build(kind, load, device)[1] for kind in CANDIDATES}
@@ -129,7 +130,7 @@ def main() -> None:
             for kind in ("peft", "peftkit"):
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []
-                memory[f"{kind}/{p}"] = run_worker([__file__, "--worker", kind, "--device", args.device, *extra, *threads])["peak_mib"]
+                memory[f"{kind}/{p}"] = run_worker([__file__, "--worker", kind, "--device", args.device, "--model", args.model, *extra, *threads])["peak_mib"]
             rows.append(check(f"train peak memory {p}, peftkit / peft", memory[f"peftkit/{p}"] / memory[f"peft/{p}"], None,
                               f"{memory[f'peftkit/{p}']:.0f} MiB vs {memory[f'peft/{p}']:.0f} MiB "
                               f"({'GPU max allocated' if device.type == 'cuda' else 'peak RSS'}, own process)"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")  # gpu.sh: results/gpu
 REPO = Path(__file__).resolve().parents[1]
 # <repo>/../shared/data/dialogsum; from a git worktree one level deeper, one more level up.
 DIALOGSUM_CANDIDATES = [REPO.parent / "shared" / "data" / "dialogsum", REPO.parent.parent / "shared" / "data" / "dialogsum"]
@@ -71,11 +71,14 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -110,7 +113,7 @@ def save(name: str, payload: dict) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
-    print(f"  -> {path.relative_to(RESULTS.parent.parent)}")
+    print(f"  -> {path}")
     return path
 
 
@@ -128,8 +131,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def load_smollm2(name: str = "smollm2-135m-instruct"):
-    """``(load, tokenizer, path)``: ``load()`` returns a fresh fp32 copy of the model in eval mode."""
+def load_base(name: str = "smollm2-135m-instruct"):
+    """``(load, tokenizer, path)`` for a catalogue name or model directory: ``load()`` returns a fresh fp32
+    copy of the model in eval mode (on the CPU)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
