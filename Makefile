@@ -25,7 +25,7 @@ test: $(STAMP)
 BENCH_THREADS ?=
 BENCH_ARGS := $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
 bench: $(STAMP)
-	$(PY) bench/bench_train_step.py --repeats 5 $(BENCH_ARGS)
+	$(PY) bench/bench_train_step.py --repeats 7 $(BENCH_ARGS)
 	$(PY) bench/bench_memory.py $(BENCH_ARGS)
 	$(PY) bench/bench_finetune.py --examples 128 $(BENCH_ARGS)
 	$(PY) bench/bench_inference.py --repeats 5 $(BENCH_ARGS)

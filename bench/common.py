@@ -126,6 +126,14 @@ def run_worker(args: list[str]) -> dict:
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process. Linux's ``VmHWM`` (the high-water mark of this process image),
+    not ``getrusage``'s ``ru_maxrss``, which a child started by a large parent inherits through fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -84,7 +84,7 @@ class Routing:
 
     def row_index(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """(batch_size,) long: for each row, the position of its group in :meth:`row_groups`. Computed once
-        per call (not per layer): batched kernels gather per-row weights with it."""
+        per call (not per layer): batched kernels select each row's adapter with it."""
         key = ("index", batch_size, device)
         index = self._groups.get(key)
         if index is None:

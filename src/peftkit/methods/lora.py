@@ -199,8 +199,7 @@ class LoraLinear(AdapterLayer):
         leaving ``W`` untouched. For generation, where the same weights serve every new token: the unmerged
         forward's two extra small matmuls per token cost more than the matmul itself at small batches."""
         weight = base_layer.weight
-        folded = weight.to(self.lora_A.weight.dtype) + self.delta_weight()
-        self.folded = (folded.to(weight.dtype), base_layer.bias)
+        self.folded = ((weight.float() + self.delta_weight().float()).to(weight.dtype), base_layer.bias)
 
     def unfold(self) -> None:
         self.folded = None
@@ -413,7 +412,7 @@ class LoraTuner(LayerTuner):
         folded = []
         try:
             for path, layer in self.layers():
-                if type(layer) is LoraLinear and (isinstance(layer.lora_dropout, nn.Identity) or not layer.training):
+                if type(layer) is LoraLinear and not layer.dropout_active():
                     layer.fold(get_submodule(self.model, path))
                     folded.append(layer)
             yield
