@@ -70,8 +70,8 @@ start=$(date +%s)
 set -x
 "$PYTHON" bench/bench_train_step.py --model "$MODEL" --device cuda --repeats 20 --bf16
 "$PYTHON" bench/bench_memory.py --model "$MODEL" --device cuda --bf16
-"$PYTHON" bench/bench_inference.py --model "$MODEL" --device cuda --repeats 10 --bf16 --new-tokens 64
-"$PYTHON" bench/bench_eval.py --model "$MODEL" --device cuda --rows 64 --repeats 3 --max-new-tokens 64
+"$PYTHON" bench/bench_inference.py --model "$MODEL" --device cuda --repeats 5 --bf16 --new-tokens 64
+"$PYTHON" bench/bench_eval.py --model "$MODEL" --device cuda --rows 32 --repeats 2 --max-new-tokens 64
 "$PYTHON" bench/bench_finetune.py --model "$MODEL" --examples 256 --heldout 64
 set +x
 echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $BENCH_RESULTS"
