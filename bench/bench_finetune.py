@@ -102,10 +102,11 @@ def heldout_loss(adapter_dir: str, rows: int, model_name: str) -> float:
     import peft
 
     load, tokenizer, _ = load_base(model_name)
-    model = peft.PeftModel.from_pretrained(load(), adapter_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = peft.PeftModel.from_pretrained(load(), adapter_dir).to(device).eval()
     total, count = 0.0, 0
     for e in encoded_rows(tokenizer, "test", rows, target_field="summary1"):
-        ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+        ids, labels = torch.tensor([e.input_ids], device=device), torch.tensor([e.labels], device=device)
         logits = model(input_ids=ids).logits[0, :-1].float()
         targets = labels[0, 1:]
         keep = targets != -100
