@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job) and `make test`. Both create .venv/ when missing.
+# Entry points: `make demo` (the main job), `make test`, `make bench`. Each creates .venv/ when missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -29,6 +29,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# peftkit vs the reference implementations, measured in the same run (~25 min on 2 CPU cores); results in
+# bench/results/*.json and the README's table. BENCH_THREADS=1 on a machine shared with other jobs.
+BENCH_THREADS ?=
+BENCH_ARGS := $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
+bench: $(STAMP)
+	$(PY) bench/bench_train_step.py --repeats 7 $(BENCH_ARGS)
+	$(PY) bench/bench_memory.py $(BENCH_ARGS)
+	$(PY) bench/bench_finetune.py --examples 128 $(BENCH_ARGS)
+	$(PY) bench/bench_inference.py --repeats 5 $(BENCH_ARGS)
+	$(PY) bench/bench_eval.py --rows 24 --repeats 2 $(BENCH_ARGS)
+	$(PY) bench/report.py --write-readme
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -13,12 +13,38 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")  # gpu.sh: results/gpu
+REPO = Path(__file__).resolve().parents[1]
+# <repo>/../shared/data/dialogsum; from a git worktree one level deeper, one more level up.
+DIALOGSUM_CANDIDATES = [REPO.parent / "shared" / "data" / "dialogsum", REPO.parent.parent / "shared" / "data" / "dialogsum"]
+
+
+def dialogsum(split: str = "dev") -> Path:
+    """Path of a DialogSum split (``dev`` or ``test``), or a clear error saying where it was looked for."""
+    for folder in DIALOGSUM_CANDIDATES:
+        if (folder / f"{split}.jsonl").is_file():
+            return folder / f"{split}.jsonl"
+    raise FileNotFoundError(f"DialogSum {split}.jsonl not found in {[str(p) for p in DIALOGSUM_CANDIDATES]}")
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (timings taken above ~1.2 on 2 cores are noisy)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch intra-op threads for this benchmark and the processes it starts (None: torch's default, one per
+    core). On a machine shared with other jobs, fewer threads than cores avoids OpenMP threads waiting for
+    each other at every parallel region (10x slower steps were seen with 2 threads while another job ran)."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def machine() -> dict:
@@ -45,11 +71,14 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -58,28 +87,33 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def check(name: str, value: float, target: str) -> dict:
-    """``target`` like "<= 1.00" or ">= 2.0"; returns a row with pass/fail."""
-    op, bound = target.split()
-    ok = value <= float(bound) if op == "<=" else value >= float(bound)
-    return {"metric": name, "value": round(value, 4), "target": target, "pass": ok}
+def check(name: str, value: float, target: str | None = None, detail: str = "") -> dict:
+    """A result row. ``target`` like "<= 1.00" or ">= 2.0" gives it pass/fail; None: reported only.
+    ``detail`` says what the two sides measured (e.g. "1.92 s vs 3.51 s")."""
+    ok = None
+    if target is not None:
+        op, bound = target.split()
+        ok = value <= float(bound) if op == "<=" else value >= float(bound)
+    return {"metric": name, "value": round(value, 4), "target": target, "pass": ok, "detail": detail,
+            "load": load_average()}
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n== {title} ==")
     for row in rows:
-        mark = "PASS" if row["pass"] else "FAIL"
-        print(f"  {row['metric']:<58} {row['value']:>10.4f}   target {row['target']:<8} {mark}")
+        mark = {True: "PASS", False: "FAIL", None: "-"}[row["pass"]]
+        print(f"  {row['metric']:<62} {row['value']:>10.4f}   target {row['target'] or '-':<8} {mark:<4}  {row.get('detail', '')}")
 
 
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "load_average_at_end": load_average(), **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
-    print(f"  -> {path.relative_to(RESULTS.parent.parent)}")
+    print(f"  -> {path}")
     return path
 
 
@@ -92,6 +126,61 @@ def run_worker(args: list[str]) -> dict:
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process. Linux's ``VmHWM`` (the high-water mark of this process image),
+    not ``getrusage``'s ``ru_maxrss``, which a child started by a large parent inherits through fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_base(name: str = "smollm2-135m-instruct"):
+    """``(load, tokenizer, path)`` for a catalogue name or model directory: ``load()`` returns a fresh fp32
+    copy of the model in eval mode (on the CPU)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.hub import resolve_model
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    path = resolve_model(name)
+    return (lambda: AutoModelForCausalLM.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path), path
+
+
+def dialogsum_training_batch(tokenizer, rows: int = 4, tokens: int = 256) -> dict[str, torch.Tensor]:
+    """``rows`` x ``tokens`` of DialogSum dev as a training batch: the first rows whose prompt + summary
+    (peftkit's default prompt format) has at least ``tokens`` tokens, each cut to its last ``tokens``
+    tokens, so the summary (the loss targets) stays whole and no row is padded."""
+    from peftkit.data import PromptFormat, collate_for_training, encode_examples, read_examples
+    from peftkit.data.prompts import Encoded
+
+    examples = read_examples(str(dialogsum("dev")), "dialogue", "summary", limit=200)
+    encoded = encode_examples(examples, tokenizer, PromptFormat(max_source_tokens=4096), seq2seq=False).items
+    long_enough = [e for e in encoded if len(e.input_ids) >= tokens][:rows]
+    if len(long_enough) < rows:
+        raise ValueError(f"only {len(long_enough)} of the first 200 DialogSum rows have {tokens} tokens")
+    cut = [Encoded(e.input_ids[-tokens:], e.labels[-tokens:], 0) for e in long_enough]
+    return collate_for_training(cut, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def copy_lora_to_peft(ours, theirs, adapter_names: list[str]) -> int:
+    """Copy peftkit's LoRA A/B weights of ``adapter_names`` into a ``peft`` model with the same adapters,
+    so both compute the same function. Returns how many tensors were copied."""
+    mine = dict(ours.named_parameters())
+    copied = 0
+    for key, p in theirs.named_parameters():
+        for tensor in ("lora_A", "lora_B"):
+            for name in adapter_names:
+                if f".{tensor}.{name}." in key:  # ...q_proj.lora_A.<name>.weight
+                    layer = key.split(f".{tensor}.")[0].removeprefix("base_model.model.")
+                    p.copy_(mine[f"base_model.{layer}.adapters.{name}.{tensor}.weight"])
+                    copied += 1
+    return copied

@@ -53,18 +53,22 @@ class AdapterHost(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         base = self.base_layer if not (args or kwargs) else (lambda inp: self.base_layer(inp, *args, **kwargs))
-        named = [(name, rows) for name, rows in self.routing.row_groups(x.shape[0], x.device) if name != BASE and name in self.adapters]
-        groups = [(self.adapters[name], rows) for name, rows in named]
+        groups = self.routing.row_groups(x.shape[0], x.device)
+        adapters = self.adapters
+        layers = [adapters[name] if name != BASE and name in adapters else None for name, _ in groups]
+        present = [layer for layer in layers if layer is not None]
         out = base(x)
-        if not groups:
+        if not present:
             return out
-        layers = [layer for layer, _ in groups]
-        batched = getattr(type(layers[0]), "mixed_delta", None)
-        if batched is not None and all(type(layer) is type(layers[0]) for layer in layers):
-            return out + batched(layers, x, groups).to(out.dtype)  # one batched kernel for all groups
-        for name, rows in named:
+        kind = type(present[0])
+        batched = getattr(kind, "mixed_delta", None)
+        if batched is not None and all(type(layer) is kind for layer in present):  # one batched kernel for all groups
+            return out + batched(layers, x, groups, self.routing.row_index(x.shape[0], x.device)).to(out.dtype)
+        for layer, (name, rows) in zip(layers, groups):
+            if layer is None:
+                continue
             with self.routing.only(name):  # hosts nested inside base_layer see these rows as one group
-                rows_out = self.adapters[name](x.index_select(0, rows), base)
+                rows_out = layer(x.index_select(0, rows), base)
             out = out.index_copy(0, rows, rows_out.to(out.dtype))
         return out
 

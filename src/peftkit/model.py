@@ -212,10 +212,22 @@ class PeftModel(nn.Module):
             args, kwargs = self._prepare_inputs(self.base_model.forward, args, kwargs, for_generate=False)
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        with self._rows(adapter_names):
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, fold_adapter: bool = True, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapter, or ``adapter_names[i]`` for row ``i``.
+
+        ``fold_adapter``: with one adapter for all rows, let it precompute what stays fixed during the call
+        (LoRA computes ``W + s B A`` once: the speed of a merged model, for one temporary copy of each adapted
+        weight, freed on return). ``False`` saves that memory and runs the adapter unmerged.
+        """
+        with self._rows(adapter_names), self._generation(fold_adapter and adapter_names is None):
             args, kwargs = self._prepare_inputs(self.base_model.generate, args, kwargs, for_generate=True)
             return self.base_model.generate(*args, **kwargs)
+
+    def _generation(self, fold: bool) -> contextlib.AbstractContextManager[None]:
+        name = self.routing.active
+        if not fold or not self.routing.enabled or name is None or self._merged is not None:
+            return contextlib.nullcontext()
+        return self._tuners[name].generation()
 
     def _prepare_inputs(
         self, fn: Any, args: tuple, kwargs: dict[str, Any], for_generate: bool

@@ -39,7 +39,7 @@ class Routing:
         self.active: str | None = None
         self.enabled: bool = True
         self.rows: list[str] | None = None
-        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+        self._groups: dict[tuple, Any] = {}  # row groups and row index per (batch size, device), for one call
 
     def set_rows(self, rows: list[str] | None) -> None:
         self.rows = rows
@@ -82,6 +82,18 @@ class Routing:
             self._groups[key] = groups
         return groups
 
+    def row_index(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """(batch_size,) long: for each row, the position of its group in :meth:`row_groups`. Computed once
+        per call (not per layer): batched kernels select each row's adapter with it."""
+        key = ("index", batch_size, device)
+        index = self._groups.get(key)
+        if index is None:
+            index = torch.empty(batch_size, dtype=torch.long)
+            for i, (_, rows) in enumerate(self.row_groups(batch_size, device)):
+                index[rows.cpu()] = i
+            index = self._groups[key] = index.to(device)
+        return index
+
 
 class Tuner(ABC):
     """One named adapter on a model. Subclasses attach themselves in ``__init__``.
@@ -93,6 +105,7 @@ class Tuner(ABC):
         ``merge()`` / ``unmerge()``  fold into / out of the base weights (``mergeable`` methods only),
         ``prepare_inputs()``  change the model inputs (soft prompts only),
         ``disabled()``  a context in which the model computes as the bare base model,
+        ``generation()``  a context around one ``generate()`` call (precompute what stays fixed),
         ``config_dict()``  what ``adapter_config.json`` stores.
     """
 
@@ -151,6 +164,12 @@ class Tuner(ABC):
         layers and inputs. Methods that train base weights in place swap the originals in (selective) or
         refuse (full fine-tuning, which keeps no copy).
         """
+        return contextlib.nullcontext()
+
+    def generation(self) -> contextlib.AbstractContextManager[None]:
+        """A context around one ``PeftModel.generate()`` call with this adapter active for every row. The
+        weights stay fixed for all the tokens of the call, so a method may precompute from them here (LoRA
+        folds ``W + s B A``); it must leave everything as it was on exit. Default: nothing."""
         return contextlib.nullcontext()
 
     def config_dict(self) -> dict[str, Any]:

@@ -200,13 +200,30 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.Linear(k, r, bias=False)
         self.lora_B = nn.Linear(r, d, bias=False)
         _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        self.folded: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (W + s B A, bias) inside fold()
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
+        if self.folded is not None:  # one matmul with W + s B A, as fast as the merged model
+            weight, bias = self.folded
+            if self.fan_in_fan_out:  # Conv1D: weight (k, d)
+                return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
+            return F.linear(x, weight, bias)
         # Same math as ``base(x) + delta(x)`` in three kernels (linear, linear, add with alpha): an
         # unmerged adapter at decode time is dominated by per-op overhead, not FLOPs.
         out = base(x)
         lora = self._lora_product(x)
         return torch.add(out, lora.to(out.dtype), alpha=self.scaling)
+
+    @torch.no_grad()
+    def fold(self, base_layer: nn.Module) -> None:
+        """Compute with ``W + s B A`` (added in fp32, stored in the base weight's dtype) until :meth:`unfold`,
+        leaving ``W`` untouched. For generation, where the same weights serve every new token: the unmerged
+        forward's two extra small matmuls per token cost more than the matmul itself at small batches."""
+        weight = base_layer.weight
+        self.folded = ((weight.float() + self.delta_weight().float()).to(weight.dtype), base_layer.bias)
+
+    def unfold(self) -> None:
+        self.folded = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self._lora_product(x) * self.scaling
@@ -224,47 +241,74 @@ class LoraLinear(LoraLayer):
         return w.T if self.fan_in_fan_out else w
 
     @staticmethod
-    def mixed_delta(layers: list["LoraLinear"], x: torch.Tensor, groups) -> torch.Tensor:
-        """Deltas for a mixed batch: the rows in ``groups[i]`` get ``layers[i].delta(x[rows])``, others 0.
+    def mixed_delta(layers: list["LoraLinear | None"], x: torch.Tensor, groups, index: torch.Tensor) -> torch.Tensor:
+        """Deltas for a mixed batch: the rows in ``groups[i]`` (``index[row] == i``) get ``layers[i].delta(x[rows])``,
+        rows whose entry is ``None`` (no adapter here) get 0. x (B, ..., k) -> (B, ..., d).
 
-        For inference with equal ranks this is one gathered batched matmul pair, as in Punica/S-LoRA:
-        A_rows = A[index] (B, r, k), B_rows = (s B)[index] (B, d, r); delta = (x A_rows^T) B_rows^T.
-        Otherwise (training, mixed ranks, active dropout) it loops over the groups.
+        At inference, two matmuls for all adapters at once: the A's of the n adapters stacked into one
+        (sum r_i, k) matrix, the scaled B's side by side into one (d, sum r_i) matrix, and between them a
+        0/1 mask that keeps, in each row, only the r_i columns of that row's adapter::
+
+            delta = ((x A_all^T) * mask[row]) B_all^T
+
+        The extra work on the other adapters' columns is tiny (r is small), while a loop over adapters, or
+        a per-row gather of weights (Punica's BGMV), costs several kernels per layer and decoding step.
+        In training (gradients on) or with active dropout it loops over the groups instead.
         """
-        ranks = {layer.r for layer in layers}
-        batched = len(ranks) == 1 and not torch.is_grad_enabled() and all(
-            isinstance(layer.lora_dropout, nn.Identity) or not layer.training for layer in layers
-        )
-        if not batched:
+        present = [layer for layer in layers if layer is not None]
+        if torch.is_grad_enabled() or any(layer.dropout_active() for layer in present):
             out = None
             for layer, (_, rows) in zip(layers, groups):
+                if layer is None:
+                    continue
                 part = layer.delta(x.index_select(0, rows))
                 out = part.new_zeros(x.shape[:-1] + part.shape[-1:]) if out is None else out
                 out = out.index_add(0, rows, part)
             return out
-        a, b = _stacked(layers)  # (n + 1, r, k), (n + 1, d, r); the last entry is zero (rows without adapter)
-        index = torch.full((x.shape[0],), len(layers), dtype=torch.long, device=x.device)
-        for i, (_, rows) in enumerate(groups):
-            index[rows] = i
-        x3 = _match_input_dtype(x, a).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, k)
-        xa = torch.bmm(x3, a.index_select(0, index).transpose(1, 2))  # (B, T, r)
-        out = torch.bmm(xa, b.index_select(0, index).transpose(1, 2))  # (B, T, d)
-        return out.reshape(x.shape[:-1] + (b.shape[1],))
+        a, b, mask = _stacked(layers, index)  # (R, k), (d, R), (B, R) with R = sum of the ranks
+        x = _match_input_dtype(x, a)
+        xa = F.linear(x, a) * mask.view(mask.shape[:1] + (1,) * (x.dim() - 2) + mask.shape[1:])  # (B, ..., R)
+        return F.linear(xa, b)
+
+    def dropout_active(self) -> bool:
+        return self.training and not isinstance(self.lora_dropout, nn.Identity)
 
 
-def _stacked(layers: list[LoraLinear]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked ``A`` and ``scaling * B`` of several same-rank layers plus a zero entry, cached on the
-    first layer until any of the weights changes (``_version`` counts in-place updates)."""
-    key = tuple((id(l), l.lora_A.weight._version, l.lora_B.weight._version, l.scaling) for l in layers)
-    cached = getattr(layers[0], "_stack_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    a = torch.stack([l.lora_A.weight for l in layers])
-    b = torch.stack([l.lora_B.weight * l.scaling for l in layers])
-    a = torch.cat([a, a.new_zeros((1,) + a.shape[1:])])
-    b = torch.cat([b, b.new_zeros((1,) + b.shape[1:])])
-    object.__setattr__(layers[0], "_stack_cache", (key, a, b))  # a plain attribute, not a buffer
-    return a, b
+def _stacked(layers: list[LoraLinear | None], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``A_all`` (R, k), ``B_all`` (d, R) (scalings folded in) and the row mask (B, R) of :meth:`LoraLinear.mixed_delta`.
+
+    Cached on the first present layer: the stacks until the list of layers, a scaling or a weight changes
+    (``_version`` counts in-place updates such as optimizer steps and ``copy_``), the mask for as long as the
+    same ``index`` (one per call, from :meth:`Routing.row_index`) comes back, i.e. for every step of a generate call.
+    """
+    present = [layer for layer in layers if layer is not None]
+    cache = present[0].__dict__.get("_stack_cache")  # a plain attribute: not a buffer, never saved
+    if not (
+        cache is not None
+        and len(cache["layers"]) == len(layers)
+        and all(old is new for old, new in zip(cache["layers"], layers))
+        and cache["scalings"] == [layer.scaling for layer in present]
+        and all(p._version == version for p, version in cache["versions"])
+    ):
+        cache = {
+            "layers": list(layers),
+            "scalings": [layer.scaling for layer in present],
+            "versions": [(p, p._version) for l in present for p in (l.lora_A.weight, l.lora_B.weight)],
+            "a": torch.cat([l.lora_A.weight for l in present]),  # (R, k)
+            "b": torch.cat([l.lora_B.weight * l.scaling for l in present], dim=1),  # (d, R)
+            "mask": None,
+        }
+        present[0].__dict__["_stack_cache"] = cache
+    if cache["mask"] is None or cache["mask"][0] is not index:
+        a = cache["a"]
+        blocks = torch.zeros(len(layers), a.shape[0], dtype=a.dtype, device=a.device)  # group -> its columns
+        start = 0
+        for i, layer in enumerate(layers):
+            if layer is not None:
+                blocks[i, start : start + layer.r] = 1
+                start += layer.r
+        cache["mask"] = (index, blocks.index_select(0, index.to(a.device)))
+    return cache["a"], cache["b"], cache["mask"][1]
 
 
 class LoraEmbedding(LoraLayer):
@@ -344,6 +388,23 @@ class LoraTuner(LayerTuner):
 
             return DoraLinear(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights, transposed)
         return LoraLinear(module, r, alpha, c.lora_dropout, c.use_rslora, c.init_lora_weights, transposed)
+
+    @contextlib.contextmanager
+    def generation(self) -> Iterator[None]:
+        """Fold the adapter (:meth:`LoraLinear.fold`) for one ``generate()`` call: every new token then costs
+        what it costs on the merged model, for one temporary copy of each adapted weight; the base weights are
+        not touched, so nothing needs undoing but dropping the copies. Layers with active dropout (training
+        mode), DoRA and non-linear layers run unmerged as usual."""
+        folded = []
+        try:
+            for path, layer in self.layers():
+                if type(layer) is LoraLinear and not layer.dropout_active():
+                    layer.fold(get_submodule(self.model, path))
+                    folded.append(layer)
+            yield
+        finally:
+            for layer in folded:
+                layer.unfold()
 
     def config_dict(self) -> dict:
         d = super().config_dict()

@@ -1,0 +1,57 @@
+"""Peak memory of LoRA training vs full fine-tuning on SmolLM2-135M, the same batch, each in its own process.
+
+Both run the step of ``bench_train_step.py`` (peftkit, logits and loss at target positions, AdamW, fp32
+by default) for 3 steps on 4 x 256 DialogSum tokens: LoRA r=8 on q/v vs every parameter trained
+(``FullConfig``). Memory is the process's peak RSS (on a GPU: ``torch.cuda.max_memory_allocated``), so it
+includes the model weights both share; the gradients and AdamW's two states per trained parameter are what
+full fine-tuning adds. A third process only loads the model, as the floor.
+
+    .venv/bin/python bench/bench_memory.py [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import check, load_average, load_base, peak_rss_mib, print_rows, run_worker, save, set_threads
+
+STEP_SCRIPT = str(Path(__file__).resolve().parent / "bench_train_step.py")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both (default fp32)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    if args.load_only:
+        load, _, _ = load_base(args.model)
+        load().to(args.device)
+        print(json.dumps({"peak_mib": peak_rss_mib()}))
+        return
+    load_start = load_average()
+    extra = ["--worker-bf16"] if args.bf16 else []
+    peak = {
+        kind: run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device", args.device, "--model", args.model, *extra])["peak_mib"]
+        for kind in ("lora", "full")
+    }
+    if args.device == "cpu":
+        peak["model_only"] = run_worker([__file__, "--load-only", "--model", args.model])["peak_mib"]
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    unit = "GPU max allocated" if args.device == "cuda" else "peak RSS"
+    rows = [check(f"LoRA training peak memory / full fine-tuning ({precision})", peak["lora"] / peak["full"], "<= 0.60",
+                  f"{peak['lora']:.0f} MiB vs {peak['full']:.0f} MiB ({unit})"
+                  + (f"; loading the model alone: {peak['model_only']:.0f} MiB" if "model_only" in peak else ""))]
+    print_rows(f"memory: SmolLM2-135M, batch 4 x 256 tokens, 3 AdamW steps, {args.device}", rows)
+    save("memory", {"rows": rows, "peak_mib": peak, "settings": vars(args), "load_average_at_start": load_start})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""One LoRA training step on SmolLM2-135M: peftkit vs the reference ``peft``, same model, batch, config, dtype.
+
+The batch is 4 x 256 tokens of DialogSum (prompt + summary, peftkit's default prompt; see
+``common.dialogsum_training_batch``), LoRA r=8 (alpha 16, no dropout) on q_proj/v_proj, AdamW. A step is
+forward, loss, backward, optimizer step. Candidates, interleaved in one process (medians of ``--repeats``):
+
+* ``peft``: ``peft.get_peft_model``; ``model(**batch).loss`` (the usual step).
+* ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
+* ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
+  (``TargetOnlyHead``); the same loss value.
+
+each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
+for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
+process of its own (3 steps).
+
+    .venv/bin/python bench/bench_train_step.py [--repeats 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import peft
+import torch
+from common import (check, dialogsum_training_batch, interleaved, load_average, load_base, median,
+                    peak_rss_mib, print_rows, run_worker, save, set_threads)
+
+from peftkit import LoraConfig, get_peft_model
+from peftkit.methods.full import FullConfig
+from peftkit.precision import bf16_support
+from peftkit.train.loss import TargetOnlyHead, loss_sum
+
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
+
+
+def build(kind: str, load, device: torch.device):
+    """``(model, step)`` for one candidate; ``step(batch, bf16)`` runs one training step, returns the loss."""
+    torch.manual_seed(0)
+    if kind == "full":  # full fine-tuning through the same entry point (bench_memory.py)
+        model = get_peft_model(load(), FullConfig())
+    elif kind == "peft":  # B starts at zero in both, so the first step's loss is the base model's in both
+        model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
+    else:
+        model = get_peft_model(load(), LoraConfig(**LORA))
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    head = TargetOnlyHead(model) if kind in ("peftkit", "full") else None
+
+    def step(batch, bf16: bool) -> float:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast, head if head is not None else contextlib.nullcontext():
+            if head is not None:
+                total, n = loss_sum(model, batch, head)
+                loss = total / n
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+
+
+def worker(kind: str, bf16: bool, steps: int, device: torch.device, model: str) -> None:
+    """Runs in its own process: a few steps of one candidate, then its peak memory as JSON."""
+    load, tokenizer, _ = load_base(model)
+    batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer).items()}
+    _, step = build(kind, load, device)
+    for _ in range(steps):
+        step(batch, bf16)
+    print(json.dumps({"peak_mib": peak_memory_mib(device)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per candidate")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure under bf16 autocast (default: where bf16 is fast)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worker", choices=(*CANDIDATES, "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-bf16", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    if args.worker:
+        return worker(args.worker, args.worker_bf16, 3, device, args.model)
+    bf16 = bf16_support(device)[0] if args.bf16 is None else args.bf16
+    load_start = load_average()
+
+    load, tokenizer, _ = load_base(args.model)
+    batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer, args.rows, args.tokens).items()}
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    steps = {kind: build(kind, load, device)[1] for kind in CANDIDATES}
+    precisions = ["fp32"] + (["bf16"] * bf16)
+    first_loss = {f"{k}/{p}": steps[k](batch, p == "bf16") for p in precisions for k in CANDIDATES}  # also the warmup
+    times = interleaved(
+        {f"{k}/{p}": (lambda k=k, p=p: steps[k](batch, p == "bf16")) for p in precisions for k in CANDIDATES},
+        repeats=args.repeats, warmup=0,
+    )
+    med = {k: median(v) for k, v in times.items()}
+
+    rows = []
+    for p in precisions:
+        ref = med[f"peft/{p}"]
+        rows.append(check(f"train step {p}, peftkit (as `peftkit train` runs it) / peft", med[f"peftkit/{p}"] / ref, "<= 1.00",
+                          f"{med[f'peftkit/{p}']:.3f} s vs {ref:.3f} s"))
+        rows.append(check(f"train step {p}, peftkit same step (HF loss) / peft", med[f"peftkit_same_step/{p}"] / ref, None,
+                          f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
+                          f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
+    memory = {}
+    if args.memory:
+        for p in precisions:
+            for kind in ("peft", "peftkit"):
+                extra = ["--worker-bf16"] if p == "bf16" else []
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                memory[f"{kind}/{p}"] = run_worker([__file__, "--worker", kind, "--device", args.device, "--model", args.model, *extra, *threads])["peak_mib"]
+            rows.append(check(f"train peak memory {p}, peftkit / peft", memory[f"peftkit/{p}"] / memory[f"peft/{p}"], None,
+                              f"{memory[f'peftkit/{p}']:.0f} MiB vs {memory[f'peft/{p}']:.0f} MiB "
+                              f"({'GPU max allocated' if device.type == 'cuda' else 'peak RSS'}, own process)"))
+    print_rows(f"training step: SmolLM2-135M, LoRA r=8 q/v, batch {args.rows} x {args.tokens} tokens ({targets} targets), {device}", rows)
+    save("train_step", {"rows": rows, "median_s": med, "times_s": times, "first_loss": first_loss, "peak_memory_mib": memory,
+                        "settings": {**vars(args), "targets": targets, "bf16": bf16}, "load_average_at_start": load_start})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

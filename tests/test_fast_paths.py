@@ -1,0 +1,183 @@
+"""Every inference fast path gives what the plain path gives (issue 6), to a stated tolerance:
+
+* LoRA folded for ``generate`` (``W + s B A`` once per call) vs the unmerged forward: logits within 1e-5,
+  the same greedy tokens, the base weights untouched, nothing left behind after the call (or an error).
+* The mixed-adapter kernel (stacked A's and B's with a row mask) vs the per-group loop and vs ``peft``'s
+  ``adapter_names`` path: logits within 1e-5, for mixed ranks, base rows, adapters on different layers.
+* bf16 weights for generation with an output head tied to the input embeddings: logits equal to plain
+  autocast's (1e-5), embeddings kept in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, build, inputs
+
+from peftkit import LoraConfig, get_peft_model
+from peftkit.methods.lora import LoraLinear
+from peftkit.precision import cast_linear_weights_to_bf16
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if type(m) is LoraLinear]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and GPT-2's Conv1D (weights stored transposed)
+def test_folded_generation_equals_the_unmerged_forward(arch):
+    model = get_peft_model(build(arch), LoraConfig(r=4, init_lora_weights=False)).eval()
+    batch = inputs(arch)
+    base_before = {n: p.clone() for n, p in model.base_model.named_parameters() if ".adapters." not in n}
+    with torch.no_grad():
+        unmerged = model(input_ids=batch["input_ids"]).logits
+        with model._tuners["default"].generation():
+            assert all(layer.folded is not None for layer in lora_layers(model))
+            folded = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(folded, unmerged, rtol=1e-5, atol=1e-5)
+    assert all(layer.folded is None for layer in lora_layers(model))
+
+    fast = model.generate(input_ids=batch["input_ids"], **GREEDY)
+    plain = model.generate(input_ids=batch["input_ids"], fold_adapter=False, **GREEDY)
+    assert torch.equal(fast, plain)
+    assert all(layer.folded is None for layer in lora_layers(model))
+    for n, p in model.base_model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), n
+
+
+def test_folding_is_undone_when_generate_fails():
+    model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False)).eval()
+    with pytest.raises(Exception):
+        model.generate(input_ids=torch.tensor([[VOCAB + 5]]), **GREEDY)  # an id outside the vocabulary
+    assert all(layer.folded is None for layer in lora_layers(model))
+
+
+def test_generate_uses_the_plain_path_where_folding_would_change_the_result():
+    seen = []
+    original = LoraLinear.forward
+
+    def spy(self, x, base):
+        seen.append(self.folded is not None)
+        return original(self, x, base)
+
+    batch = inputs("llama", batch=2)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=4, init_lora_weights=False))
+    LoraLinear.forward = spy
+    try:
+        model.train()  # active dropout: a folded weight would drop it
+        model.generate(input_ids=batch["input_ids"], **GREEDY)
+        model.eval()
+        model.generate(input_ids=batch["input_ids"], adapter_names=["default", "other"], **GREEDY)  # mixed rows
+        assert seen and not any(seen)
+        model.generate(input_ids=batch["input_ids"], **GREEDY)
+        assert all(seen[-4:])
+    finally:
+        LoraLinear.forward = original
+
+
+def test_dora_and_merged_adapters_are_not_folded():
+    dora = get_peft_model(build("llama"), LoraConfig(r=4, use_dora=True, init_lora_weights=False)).eval()
+    batch = inputs("llama")
+    with torch.no_grad():
+        want = dora(input_ids=batch["input_ids"]).logits
+        with dora._tuners["default"].generation():
+            got = dora(input_ids=batch["input_ids"]).logits
+    assert torch.equal(got, want)
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False)).eval()
+    plain = model.generate(input_ids=batch["input_ids"], fold_adapter=False, **GREEDY)
+    model.merge_adapter()
+    assert torch.equal(model.generate(input_ids=batch["input_ids"], **GREEDY), plain)
+    assert all(layer.folded is None for layer in lora_layers(model))
+
+
+def mixed_model():
+    """Five adapters of three ranks, one of them on other layers than the rest."""
+    model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False))
+    model.add_adapter("r2", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False))
+    model.add_adapter("r8", LoraConfig(r=8, use_rslora=True, init_lora_weights=False))
+    model.add_adapter("kv", LoraConfig(r=4, target_modules=["k_proj", "v_proj"], init_lora_weights=False))
+    model.add_adapter("mlp", LoraConfig(r=3, target_modules=["up_proj"], init_lora_weights=False))
+    return model.eval()
+
+
+def test_mixed_kernel_equals_the_per_group_loop_for_mixed_ranks_and_targets():
+    model = mixed_model()
+    names = ["r8", "__base__", "default", "kv", "r2", "mlp", "default", "r8"]
+    batch = inputs("llama", batch=len(names))
+    with torch.no_grad():
+        fast = model(input_ids=batch["input_ids"], adapter_names=names).logits  # masked stacked matmuls
+    with torch.enable_grad():
+        slow = model(input_ids=batch["input_ids"], adapter_names=names).logits.detach()  # the per-group loop
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(names):  # and each row equals the row run alone with its adapter
+        row = batch["input_ids"][i : i + 1]
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=row).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=row).logits
+        torch.testing.assert_close(fast[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_kernel_sees_an_adapter_deleted_and_added_again_under_the_same_name():
+    model = mixed_model()
+    names = ["default", "r2"]
+    batch = inputs("llama", batch=2)
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], adapter_names=names).logits
+        model.delete_adapter("r2")
+        torch.manual_seed(123)
+        model.add_adapter("r2", LoraConfig(r=2, init_lora_weights=False))
+        after = model(input_ids=batch["input_ids"], adapter_names=names).logits
+    with torch.enable_grad():
+        slow = model(input_ids=batch["input_ids"], adapter_names=names).logits.detach()
+    assert not torch.allclose(after[1], before[1])
+    torch.testing.assert_close(after, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_generate_equals_peft_adapter_names():
+    peft = pytest.importorskip("peft")
+    names = [f"t{i}" for i in range(4)]
+    ours = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False), adapter_name=names[0]).eval()
+    theirs = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, init_lora_weights=False), adapter_name=names[0]).eval()
+    for name in names[1:]:
+        ours.add_adapter(name, LoraConfig(r=4, init_lora_weights=False))
+        theirs.add_adapter(name, peft.LoraConfig(r=4, init_lora_weights=False))
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for key, p in theirs.named_parameters():
+            for tensor in ("lora_A", "lora_B"):
+                for name in names:
+                    if f".{tensor}.{name}." in key:
+                        layer = key.split(f".{tensor}.")[0].removeprefix("base_model.model.")
+                        p.copy_(mine[f"base_model.{layer}.adapters.{name}.{tensor}.weight"])
+    rows = names + ["__base__", "t2"]
+    batch = inputs("llama", batch=len(rows))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=batch["input_ids"], adapter_names=rows).logits,
+                                   theirs(input_ids=batch["input_ids"], adapter_names=rows).logits, rtol=1e-5, atol=1e-5)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=rows, **GREEDY)
+    assert torch.equal(ours.generate(**kwargs), theirs.generate(**kwargs))
+
+
+def test_bf16_weights_give_a_tied_output_head_its_own_copy():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), LoraConfig(r=4, init_lora_weights=False)).eval()
+    assert model.lm_head.weight is model.base_model.model.embed_tokens.weight
+    ids = inputs("llama")["input_ids"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits.float()
+        cast_linear_weights_to_bf16(model)
+        got = model(input_ids=ids).logits.float()
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
