@@ -20,6 +20,7 @@ from ..data import PromptFormat, collate_prompts, load_encoded
 from ..evaluate import GenerationSettings, load_for_inference
 from ..evaluate.generate import new_tokens
 from ..hub import is_seq2seq
+from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 
 
@@ -60,8 +61,11 @@ def measure_latency(model: str, adapter: str | None, data: str, fmt: PromptForma
         beams = {"num_beams": generation.num_beams, "early_stopping": True} if generation.num_beams > 1 else {}
         _sync(device)
         start = time.perf_counter()
+        # Unmerged means the adapter's extra work in every forward pass, so not the per-call fold that
+        # PeftModel.generate does by default (which runs at the merged model's speed; see bench/).
+        unfold = {"fold_adapter": False} if isinstance(m, PeftModel) else {}
         with autocast(device, use_bf16):
-            out = m.generate(**batch, **beams, max_new_tokens=max_new_tokens, do_sample=False,
+            out = m.generate(**batch, **beams, **unfold, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         _sync(device)
         return time.perf_counter() - start, new_tokens(out, batch["input_ids"], seq2seq).shape[1]
