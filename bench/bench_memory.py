@@ -1,12 +1,13 @@
 """Peak memory of LoRA training vs full fine-tuning on SmolLM2-135M, the same batch, each in its own process.
 
 Both run the step of ``bench_train_step.py`` (peftkit, logits and loss at target positions, AdamW, fp32
-by default) for 3 steps on 4 x 256 DialogSum tokens: LoRA r=8 on q/v vs every parameter trained
+and, where bf16 is fast, under bf16 autocast as ``peftkit train`` runs it, with the frozen linear weights
+stored in bf16) for 3 steps on 4 x 256 DialogSum tokens: LoRA r=8 on q/v vs every parameter trained
 (``FullConfig``). Memory is the process's peak RSS (on a GPU: ``torch.cuda.max_memory_allocated``), so it
 includes the model weights both share; the gradients and AdamW's two states per trained parameter are what
 full fine-tuning adds. A third process only loads the model, as the floor.
 
-    .venv/bin/python bench/bench_memory.py [--bf16]
+    .venv/bin/python bench/bench_memory.py [--no-bf16]
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from pathlib import Path
 import torch
 from common import check, load_average, load_base, peak_rss_mib, print_rows, run_worker, save, set_threads
 
+from peftkit.precision import bf16_support
+
 STEP_SCRIPT = str(Path(__file__).resolve().parent / "bench_train_step.py")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both (default fp32)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure under bf16 autocast (default: where bf16 is fast)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -37,18 +41,21 @@ def main() -> None:
         print(json.dumps({"peak_mib": peak_rss_mib()}))
         return
     load_start = load_average()
-    extra = ["--worker-bf16"] if args.bf16 else []
-    peak = {
-        kind: run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device", args.device, "--model", args.model, *extra])["peak_mib"]
-        for kind in ("lora", "full")
-    }
-    if args.device == "cpu":
-        peak["model_only"] = run_worker([__file__, "--load-only", "--model", args.model])["peak_mib"]
-    precision = "bf16 autocast" if args.bf16 else "fp32"
+    bf16 = bf16_support(torch.device(args.device))[0] if args.bf16 is None else args.bf16
     unit = "GPU max allocated" if args.device == "cuda" else "peak RSS"
-    rows = [check(f"LoRA training peak memory / full fine-tuning ({precision})", peak["lora"] / peak["full"], "<= 0.60",
-                  f"{peak['lora']:.0f} MiB vs {peak['full']:.0f} MiB ({unit})"
-                  + (f"; loading the model alone: {peak['model_only']:.0f} MiB" if "model_only" in peak else ""))]
+    floor = run_worker([__file__, "--load-only", "--model", args.model])["peak_mib"] if args.device == "cpu" else None
+    peak, rows = {}, []
+    for precision in ["fp32"] + ["bf16"] * bf16:
+        extra = ["--worker-bf16"] if precision == "bf16" else []
+        for kind in ("lora", "full"):
+            peak[f"{kind}/{precision}"] = run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device",
+                                                      args.device, "--model", args.model, *extra])["peak_mib"]
+        lora, full = peak[f"lora/{precision}"], peak[f"full/{precision}"]
+        label = "bf16 autocast, as `peftkit train` runs it" if precision == "bf16" else "fp32"
+        rows.append(check(f"LoRA training peak memory / full fine-tuning ({label})", lora / full, "<= 0.60",
+                          f"{lora:.0f} MiB vs {full:.0f} MiB ({unit})" + (f"; loading the model alone: {floor:.0f} MiB" if floor else "")))
+    if floor:
+        peak["model_only"] = floor
     print_rows(f"memory: SmolLM2-135M, batch 4 x 256 tokens, 3 AdamW steps, {args.device}", rows)
     save("memory", {"rows": rows, "peak_mib": peak, "settings": vars(args), "load_average_at_start": load_start})
 

@@ -25,20 +25,33 @@ import sys
 
 import peft
 import torch
-from common import (check, dialogsum_training_batch, interleaved, load_average, load_base, median,
-                    peak_rss_mib, print_rows, run_worker, save, set_threads)
+from common import (
+    check,
+    dialogsum_training_batch,
+    interleaved,
+    load_average,
+    load_base,
+    median,
+    peak_rss_mib,
+    print_rows,
+    run_worker,
+    save,
+    set_threads,
+)
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
-from peftkit.precision import bf16_support
+from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
 from peftkit.train.loss import TargetOnlyHead, loss_sum
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
 
 
-def build(kind: str, load, device: torch.device):
-    """``(model, step)`` for one candidate; ``step(batch, bf16)`` runs one training step, returns the loss."""
+def build(kind: str, load, device: torch.device, bf16: bool = False):
+    """``(model, step)`` for one candidate; ``step(batch, bf16)`` runs one training step, returns the loss.
+    With ``bf16``, ``peftkit`` and ``full`` are set up as ``peftkit train`` does for bf16 autocast (frozen
+    linear weights stored in bf16; full fine-tuning has none)."""
     torch.manual_seed(0)
     if kind == "full":  # full fine-tuning through the same entry point (bench_memory.py)
         model = get_peft_model(load(), FullConfig())
@@ -47,6 +60,8 @@ def build(kind: str, load, device: torch.device):
     else:
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
+    if bf16 and kind in ("peftkit", "full"):
+        store_frozen_linear_weights_in_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     head = TargetOnlyHead(model) if kind in ("peftkit", "full") else None
@@ -75,7 +90,7 @@ def worker(kind: str, bf16: bool, steps: int, device: torch.device, model: str) 
     """Runs in its own process: a few steps of one candidate, then its peak memory as JSON."""
     load, tokenizer, _ = load_base(model)
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer).items()}
-    _, step = build(kind, load, device)
+    _, step = build(kind, load, device, bf16)
     for _ in range(steps):
         step(batch, bf16)
     print(json.dumps({"peak_mib": peak_memory_mib(device)}))
@@ -105,11 +120,11 @@ def main() -> None:
     load, tokenizer, _ = load_base(args.model)
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer, args.rows, args.tokens).items()}
     targets = int((batch["labels"][:, 1:] != -100).sum())
-    steps = {kind: build(kind, load, device)[1] for kind in CANDIDATES}
     precisions = ["fp32"] + (["bf16"] * bf16)
-    first_loss = {f"{k}/{p}": steps[k](batch, p == "bf16") for p in precisions for k in CANDIDATES}  # also the warmup
+    steps = {f"{k}/{p}": build(k, load, device, p == "bf16")[1] for p in precisions for k in CANDIDATES}
+    first_loss = {key: steps[key](batch, key.endswith("bf16")) for key in steps}  # also the warmup
     times = interleaved(
-        {f"{k}/{p}": (lambda k=k, p=p: steps[k](batch, p == "bf16")) for p in precisions for k in CANDIDATES},
+        {key: (lambda key=key: steps[key](batch, key.endswith("bf16"))) for key in steps},
         repeats=args.repeats, warmup=0,
     )
     med = {k: median(v) for k, v in times.items()}

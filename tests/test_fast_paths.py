@@ -17,7 +17,11 @@ from conftest import VOCAB, build, inputs
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.lora import LoraLinear
-from peftkit.precision import cast_linear_weights_to_bf16
+from peftkit.methods.selective import SelectiveConfig
+from peftkit.precision import (
+    cast_linear_weights_to_bf16,
+    store_frozen_linear_weights_in_bf16,
+)
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
@@ -181,3 +185,54 @@ def test_bf16_weights_give_a_tied_output_head_its_own_copy():
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _bf16_step(model, batch):
+    """Loss and gradients of one bf16-autocast training step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("llama", LoraConfig(r=4, init_lora_weights=False)),
+    ("t5", LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear")),
+    ("llama", SelectiveConfig(patterns=[r"layers\.1\."])),
+    ("llama", LoraConfig(r=4, init_lora_weights=False, use_dora=True)),
+])
+def test_bf16_frozen_weights_give_the_same_training_step(arch, config):
+    """``peftkit train`` stores frozen linear weights in bf16 under bf16 autocast: losses and gradients are
+    those of autocast over the fp32 weights, bit for bit, and nothing trainable changes dtype."""
+    model = get_peft_model(build(arch), config).train()
+    batch = inputs(arch)
+    want_loss, want_grads = _bf16_step(model, batch)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    cast = store_frozen_linear_weights_in_bf16(model)
+    assert cast > 0
+    got_loss, got_grads = _bf16_step(model, batch)
+    assert torch.equal(got_loss, want_loss)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        assert torch.equal(got_grads[n], want_grads[n]), n
+    assert {n: p.dtype for n, p in model.named_parameters() if p.requires_grad} == trainable
+    dora_bases = [m.base_layer for m in model.modules() if hasattr(m, "adapters") and hasattr(m, "base_layer")
+                  and any(a.reads_base_weight for a in m.adapters.values())]
+    assert all(b.weight.dtype == torch.float32 for b in dora_bases)
+    assert bool(dora_bases) == bool(getattr(config, "use_dora", False))
+
+
+def test_bf16_frozen_weights_keep_tied_embeddings_fp32():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = get_peft_model(transformers.LlamaForCausalLM(cfg), LoraConfig(r=4, init_lora_weights=False)).train()
+    batch = inputs("llama")
+    want_loss, want_grads = _bf16_step(model, batch)
+    store_frozen_linear_weights_in_bf16(model)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    got_loss, got_grads = _bf16_step(model, batch)
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(got_grads[n], want_grads[n]) for n in want_grads)

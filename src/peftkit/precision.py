@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .inject import AdapterHost
+
 
 def bf16_support(device: torch.device) -> tuple[bool, str]:
     """``(fast bf16 available, the reason in words)``."""
@@ -59,12 +61,43 @@ def cast_linear_weights_to_bf16(model: nn.Module) -> nn.Module:
     shared weight (the embeddings keep the fp32 one): casting 49k x 576 floats at every decoding step
     would otherwise cost as much as the rest of a step.
     """
+    _linear_weights_to_bf16(model, lambda module: True)
+    return model
+
+
+def _linear_weights_to_bf16(model: nn.Module, chosen) -> int:
+    """Store the weight of each ``nn.Linear`` for which ``chosen(module)`` holds in bf16; returns how many.
+    A weight shared with the input embeddings (a tied output head) gets its own bf16 copy instead."""
     get_input = getattr(model, "get_input_embeddings", None)
     shared = get_input().weight if callable(get_input) and get_input() is not None else None
+    cast = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            if module.weight is shared:
-                module.weight = nn.Parameter(shared.detach().to(torch.bfloat16), requires_grad=False)
-            else:
-                module.weight.data = module.weight.data.to(torch.bfloat16)
-    return model
+        if not isinstance(module, nn.Linear) or module.weight.dtype != torch.float32 or not chosen(module):
+            continue
+        if module.weight is shared:
+            module.weight = nn.Parameter(shared.detach().to(torch.bfloat16), requires_grad=False)
+        else:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+        cast += 1
+    return cast
+
+
+def store_frozen_linear_weights_in_bf16(model: nn.Module) -> int:
+    """For training under bf16 autocast: store the frozen weights of ``model``'s linear layers in bf16, in place.
+
+    Autocast casts a frozen weight to bf16 in every forward (it caches casts only for weights that require
+    grad) and autograd keeps that copy for the backward pass, so a frozen fp32 weight costs its fp32 storage
+    plus a bf16 copy per step. Stored in bf16, the same matmuls get the same bf16 operands (the cast is a
+    deterministic rounding), so losses and gradients are unchanged while the frozen weights take half the
+    memory and no per-step cast. Trainable weights and the adapters' own layers keep fp32; a base layer whose
+    adapter reads the base weight itself (``AdapterLayer.reads_base_weight``, DoRA's norms) is left alone;
+    an output head tied to trainable embeddings requires grad and is left alone too, one tied to frozen
+    embeddings gets its own bf16 copy (the embeddings keep fp32). Returns how many weights it cast.
+    """
+    keep = set()  # the adapters' own layers, and base layers whose adapter reads the weight
+    for host in model.modules():
+        if isinstance(host, AdapterHost):
+            keep.update(id(m) for m in host.adapters.modules())
+            if any(adapter.reads_base_weight for adapter in host.adapters.values()):
+                keep.add(id(host.base_layer))
+    return _linear_weights_to_bf16(model, lambda module: not module.weight.requires_grad and id(module) not in keep)

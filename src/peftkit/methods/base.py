@@ -38,6 +38,9 @@ class AdapterLayer(nn.Module):
 
     additive: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
+    # Reads the base weight's values beyond ``base(x)`` (DoRA's row norms): it must stay in full precision
+    # while training, see :func:`peftkit.precision.store_frozen_linear_weights_in_bf16`.
+    reads_base_weight: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
         if not self.additive:

@@ -37,6 +37,8 @@ class DoraLinear(LoraLinear):
     in ``state_dict()`` or ``parameters()``).
     """
 
+    reads_base_weight = True
+
     additive = False
     mixed_delta = None  # LoRA's batched kernel only knows B A x; a mixed batch runs each group through forward
 
