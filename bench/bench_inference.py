@@ -1,7 +1,8 @@
 """Inference with LoRA adapters on SmolLM2-135M: peftkit vs the reference ``peft``, measured in the same run.
 
 1. Unmerged-LoRA overhead over the merged model: greedy ``generate`` at batch 1 (``--prompt-tokens`` prompt,
-   exactly ``--new-tokens`` new tokens) with the adapter kept separate (peftkit, and ``peft``) vs the plain
+   exactly ``--new-tokens`` new tokens) with the adapter kept separate (peftkit's default generate, which folds
+   the adapter per call; peftkit with ``fold_adapter=False``; and ``peft``) vs the plain
    model returned by ``merge_and_unload()``; non-zero LoRA weights (a fresh adapter's B = 0 would hide its cost).
 2. Switching adapters: ``set_adapter`` between two adapters loaded for inference vs loading the model and the
    other adapter from disk.
@@ -66,16 +67,22 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
         {
             "merged": lambda: out.__setitem__("merged", generate(merged, ids, mask, args.new_tokens, bf16)),
             "peftkit": lambda: out.__setitem__("peftkit", generate(ours, ids, mask, args.new_tokens, bf16)),
+            "peftkit_unfolded": lambda: out.__setitem__(
+                "peftkit_unfolded", generate(ours, ids, mask, args.new_tokens, bf16, fold_adapter=False)),
             "peft": lambda: out.__setitem__("peft", generate(theirs, ids, mask, args.new_tokens, bf16)),
         },
         repeats=args.repeats,
     )
     med = {k: median(v) for k, v in times.items()}
-    same = {k: bool(torch.equal(out[k], out["merged"])) for k in ("peftkit", "peft")}
+    same = {k: bool(torch.equal(out[k], out["merged"])) for k in ("peftkit", "peftkit_unfolded", "peft")}
     result = {"median_s": med, "times_s": times, "tokens_equal_to_merged": same}
     rows = [
         check(f"unmerged LoRA generation overhead over merged, peftkit ({label})", med["peftkit"] / med["merged"] - 1, "<= 0.05",
               f"{med['peftkit']:.3f} s vs {med['merged']:.3f} s merged; tokens equal to merged: {same['peftkit']}"),
+        check(f"unmerged LoRA generation overhead over merged, peftkit fold_adapter=False ({label})",
+              med["peftkit_unfolded"] / med["merged"] - 1, None,
+              f"{med['peftkit_unfolded']:.3f} s: the adapter's two extra matmuls in every step; tokens equal to merged: "
+              f"{same['peftkit_unfolded']}"),
         check(f"unmerged LoRA generation overhead over merged, peft ({label})", med["peft"] / med["merged"] - 1, None,
               f"{med['peft']:.3f} s; tokens equal to merged: {same['peft']}"),
     ]
