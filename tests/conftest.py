@@ -101,6 +101,21 @@ def output(model, batch: dict, **kw) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+def assert_mixed_rows_match_alone(model, batch: dict, names: list[str], tol: float) -> None:
+    """A mixed batch (``adapter_names=names``) gives each row what that row's adapter gives it alone
+    (``"__base__"``: the model with adapters disabled)."""
+    mixed = output(model, batch, adapter_names=names)
+    for i, name in enumerate(names):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = output(model, row)
+        else:
+            model.set_adapter(name)
+            alone = output(model, row)
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=tol, atol=tol)
+
+
 @pytest.fixture(params=list(ARCHS))
 def arch(request) -> str:
     return request.param

@@ -36,3 +36,13 @@ def saved_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def merged_diff_vs_peft(model: torch.nn.Module, arch: str, directory: Path) -> float:
+    """Save ``model``'s adapter to ``directory``, merge it in peftkit and in ``peft`` (loading the saved files),
+    and return the largest difference between the two merged state dicts (their keys must agree)."""
+    model.save_pretrained(directory)
+    ours = model.merge_and_unload().state_dict()
+    theirs = load_in_peft(arch, directory).merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys()
+    return max(max_abs_diff(ours[k], theirs[k]) for k in ours)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, build, inputs, output
+from conftest import ARCHS, assert_mixed_rows_match_alone, build, inputs, output
 from method_cases import CASES
 
 from peftkit import PeftModel, get_peft_model
@@ -165,13 +165,4 @@ def test_mixed_batch_equals_each_row_alone(case, arch):
     model.set_adapter("default")
     batch = inputs(arch, batch=3)
     names = ["default", "other", "__base__"]
-    mixed = output(model, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        row = {k: v[i : i + 1] for k, v in batch.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                alone = output(model, row)
-        else:
-            model.set_adapter(name)
-            alone = output(model, row)
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-4)
+    assert_mixed_rows_match_alone(model, batch, names, tol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, inputs, output
+from conftest import assert_mixed_rows_match_alone, build, inputs, output
 from parity import nudge
 
 from peftkit import FullConfig, IA3Config, LoraConfig, PeftModel, SelectiveConfig, get_peft_model
@@ -52,16 +52,7 @@ def test_mixed_batch_of_different_methods_equals_each_row_alone(arch):
     model = three_methods(arch)
     names = ["ia3", "default", "__base__", "dora"]
     batch = inputs(arch, batch=4)
-    mixed = output(model, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        row = {k: v[i : i + 1] for k, v in batch.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                alone = output(model, row)
-        else:
-            model.set_adapter(name)
-            alone = output(model, row)
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_mixed_rows_match_alone(model, batch, names, tol=1e-5)
 
 
 def test_mixed_generate_equals_each_row_alone():
