@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from common import check, dialogsum, interleaved, load_average, load_base, median, print_rows, save, set_threads
+from common import check, data_name, dialogsum, interleaved, load_average, load_base, median, print_rows, save, set_threads
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.evaluate import EvalConfig, GenerationSettings, evaluate, rouge
@@ -114,7 +114,7 @@ def main() -> None:
               f"{args.rows / med['peftkit_fp32']:.2f} examples/s; {equal['peftkit_fp32']}/{args.rows} predictions equal; "
               f"ROUGE-L {100 * scores['peftkit_fp32']['rougeL']:.2f}"),
     ]
-    print_rows(f"eval generation: SmolLM2-135M + LoRA, {args.rows} DialogSum test rows, greedy, <= {args.max_new_tokens} new tokens", rows)
+    print_rows(f"eval generation: SmolLM2-135M + LoRA, {args.rows} {data_name()} test rows, greedy, <= {args.max_new_tokens} new tokens", rows)
     save("eval", {"rows": rows, "median_s": med, "seconds": seconds, "rouge": scores, "equal_to_plain": equal,
                   "predictions": outputs, "settings": vars(args), "load_average_at_start": load_start})
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import check, dialogsum, load_average, load_base, median, print_rows, save, set_threads
+from common import check, data_name, dialogsum, load_average, load_base, median, print_rows, save, set_threads
 
 LR, BATCH, RANK, ALPHA, WARMUP = 2e-4, 4, 8, 16, 0.05
 
@@ -105,7 +105,7 @@ def heldout_loss(adapter_dir: str, rows: int, model_name: str) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = peft.PeftModel.from_pretrained(load(), adapter_dir).to(device).eval()
     total, count = 0.0, 0
-    for e in encoded_rows(tokenizer, "test", rows, target_field="summary1"):
+    for e in encoded_rows(tokenizer, "test", rows):  # DialogSum test: summary1 (of 3) is the target
         ids, labels = torch.tensor([e.input_ids], device=device), torch.tensor([e.labels], device=device)
         logits = model(input_ids=ids).logits[0, :-1].float()
         targets = labels[0, 1:]
@@ -159,7 +159,7 @@ def main() -> None:
         check("held-out loss, peftkit - Trainer+peft (not worse: <= 0)", ours["heldout_loss"] - ref["heldout_loss"], "<= 0.00",
               f"{ours['heldout_loss']:.4f} vs {ref['heldout_loss']:.4f} (untrained: {base_loss:.4f}; {args.heldout} test rows)"),
     ]
-    print_rows(f"end-to-end fine-tune: SmolLM2-135M, LoRA r=8 q/v, {args.examples} DialogSum rows, batch {BATCH}", rows)
+    print_rows(f"end-to-end fine-tune: SmolLM2-135M, LoRA r=8 q/v, {args.examples} {data_name()} rows, batch {BATCH}", rows)
     save("finetune", {"rows": rows, "median": med, "runs": runs, "untrained_heldout_loss": base_loss,
                       "settings": vars(args), "load_average_at_start": load_start})
 

@@ -25,8 +25,24 @@ REPO = Path(__file__).resolve().parents[1]
 DIALOGSUM_CANDIDATES = [REPO.parent / "shared" / "data" / "dialogsum", REPO.parent.parent / "shared" / "data" / "dialogsum"]
 
 
+# BENCH_DATA=demo: peftkit's shipped demo dialogues stand in for DialogSum's splits (dev -> demo_train,
+# test -> demo_eval), for a machine without ../shared (gpu.sh on a GPU machine). Timings keep their meaning;
+# the texts differ, so losses and ROUGE are not DialogSum's.
+DEMO_SPLITS = {"dev": "demo_train.jsonl", "test": "demo_eval.jsonl"}
+
+
+def data_name() -> str:
+    """What the benchmarks read: ``DialogSum`` or ``peftkit demo`` (``BENCH_DATA=demo``), for titles and results."""
+    return "peftkit demo" if os.environ.get("BENCH_DATA") == "demo" else "DialogSum"
+
+
 def dialogsum(split: str = "dev") -> Path:
     """Path of a DialogSum split (``dev`` or ``test``), or a clear error saying where it was looked for."""
+    source = os.environ.get("BENCH_DATA", "dialogsum")
+    if source == "demo":
+        return REPO / "src" / "peftkit" / "data" / "demo" / DEMO_SPLITS[split]
+    if source != "dialogsum":
+        raise ValueError(f"BENCH_DATA must be 'dialogsum' (default) or 'demo', got {source!r}")
     for folder in DIALOGSUM_CANDIDATES:
         if (folder / f"{split}.jsonl").is_file():
             return folder / f"{split}.jsonl"
@@ -109,7 +125,7 @@ def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "load_average_at_end": load_average(), **payload}
+               "load_average_at_end": load_average(), "data": data_name(), **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)

@@ -77,7 +77,10 @@ def render() -> str:
     gpu = load_results(gpu_dir) if gpu_dir.is_dir() else []
     if gpu:
         card = gpu[0]["machine"].get("cuda") or "GPU"
-        blocks.append(f"On a GPU ({card}, bf16; `bench/gpu.sh`):\n\n" + describe(gpu) + "\n\n" + table(gpu))
+        models = sorted({r.get("settings", {}).get("model", "?") for r in gpu})
+        data = sorted({r.get("data", "DialogSum") for r in gpu})
+        blocks.append(f"On a GPU ({card}; `bench/gpu.sh`, fp32 and bf16; model {', '.join(models)}; data {', '.join(data)}):\n\n"
+                      + describe(gpu) + "\n\n" + table(gpu))
     return "\n\n".join(blocks) if blocks else "(no results yet: run `make bench`)"
 
 
