@@ -81,8 +81,11 @@ def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
         raise RuntimeError(f"peftkit train failed:\n{out.stderr[-3000:]}")
     run = json.loads((Path(output) / "run.json").read_text())
     tokens = run["train_tokens_per_s"] * run["train_time_s"]
+    log = [json.loads(line) for line in (Path(output) / "train_log.jsonl").read_text().splitlines() if line.strip()]
     return {"wall_s": wall, "train_time_s": run["train_time_s"], "tokens": round(tokens), "steps": run["steps"],
-            "precision": run["precision"], "final_loss": run["final_loss"]}
+            "precision": run["precision"], "device": run.get("device"), "final_loss": run["final_loss"],
+            # tokens/s of each logged interval: a slow first interval is start-up, a slow steady state is the loop
+            "interval_tokens_per_s": [round(r["tokens_per_s"]) for r in log if "tokens_per_s" in r]}
 
 
 def run_reference(output: str, examples: int, seed: int, model_name: str) -> dict:
