@@ -31,18 +31,23 @@ DIALOGSUM_CANDIDATES = [REPO.parent / "shared" / "data" / "dialogsum", REPO.pare
 DEMO_SPLITS = {"dev": "demo_train.jsonl", "test": "demo_eval.jsonl"}
 
 
+def bench_data() -> str:
+    """``dialogsum`` (default) or ``demo``, from ``BENCH_DATA``."""
+    source = os.environ.get("BENCH_DATA", "dialogsum")
+    if source not in ("dialogsum", "demo"):
+        raise ValueError(f"BENCH_DATA must be 'dialogsum' (default) or 'demo', got {source!r}")
+    return source
+
+
 def data_name() -> str:
-    """What the benchmarks read: ``DialogSum`` or ``peftkit demo`` (``BENCH_DATA=demo``), for titles and results."""
-    return "peftkit demo" if os.environ.get("BENCH_DATA") == "demo" else "DialogSum"
+    """What the benchmarks read, for titles and results: ``DialogSum`` or ``peftkit demo``."""
+    return {"dialogsum": "DialogSum", "demo": "peftkit demo"}[bench_data()]
 
 
 def dialogsum(split: str = "dev") -> Path:
     """Path of a DialogSum split (``dev`` or ``test``), or a clear error saying where it was looked for."""
-    source = os.environ.get("BENCH_DATA", "dialogsum")
-    if source == "demo":
+    if bench_data() == "demo":
         return REPO / "src" / "peftkit" / "data" / "demo" / DEMO_SPLITS[split]
-    if source != "dialogsum":
-        raise ValueError(f"BENCH_DATA must be 'dialogsum' (default) or 'demo', got {source!r}")
     for folder in DIALOGSUM_CANDIDATES:
         if (folder / f"{split}.jsonl").is_file():
             return folder / f"{split}.jsonl"
