@@ -17,6 +17,8 @@
 #   GPU_BENCHES  which benchmarks, in order (default: inference train_step eval memory finetune).
 #   BENCH_DATA  dialogsum (default: ../shared/data/dialogsum) or demo (peftkit's shipped demo dialogues, for a
 #            machine without ../shared; the default with MODEL_CONFIG). Fine-tuning then uses 160 of its 190 rows.
+# On a GPU machine without network or ../shared (as lent here): `bash bench/gpu.sh --prepare` on this machine writes
+# bench/.model-config and bench/.wheels (transformers, peft, nltk, rouge-score as installed here); carry both.
 # After a run: .venv/bin/python bench/report.py --write-readme adds the GPU table, headed by the card's name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +31,22 @@ if [ "${1:-}" = "--prepare" ]; then  # on the CPU machine: config + tokenizer (a
     for f in config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja; do
         [ -f "$src/$f" ] && cp "$src/$f" bench/.model-config/
     done
-    echo "gpu.sh: wrote bench/.model-config; run MODEL_CONFIG=bench/.model-config bash bench/gpu.sh there"
+    # The pure-Python packages whose versions matter, as wheels of the versions installed here (rouge-score has
+    # no wheel on PyPI: built here), for a GPU machine that has torch but no network. Python 3 wheels: any 3.x.
+    version() { "$PYTHON" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+    rm -rf bench/.wheels && mkdir -p bench/.wheels
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d bench/.wheels "transformers==$(version transformers)" \
+        "peft==$(version peft)" "nltk==$(version nltk)"
+    "$PYTHON" -m pip wheel -q --no-deps -w bench/.wheels "rouge-score==$(version rouge-score)"
+    echo "gpu.sh: wrote bench/.model-config and bench/.wheels; carry both, then run"
+    echo "        MODEL_CONFIG=bench/.model-config PYTHON=python3 bash bench/gpu.sh there"
     exit 0
+fi
+
+if [ -d bench/.wheels ] && [ "${1:-}" != "--smoke" ]; then  # from --prepare: installed beside the machine's own packages
+    site="${TMPDIR:-/tmp}/peftkit-bench-site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" bench/.wheels/*.whl
+    export PYTHONPATH="$site:$PYTHONPATH"
 fi
 
 smoke=0
