@@ -24,8 +24,8 @@ import tempfile
 
 import peft
 import torch
-from common import (check, copy_lora_to_peft, interleaved, load_average, load_base, median, print_rows, save,
-                    set_threads)
+from common import (check, copy_lora_to_peft, interleaved, left_padded_prompts, load_average, load_base, median,
+                    print_rows, save, set_threads)
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.precision import bf16_support, cast_linear_weights_to_bf16
@@ -121,13 +121,7 @@ def mixed_batch(load, args, bf16: bool, label: str) -> tuple[list[dict], dict]:
     randomize(ours, 1)
     copy_lora_to_peft(ours, theirs, names)
     ours, theirs = prepare(ours), prepare(theirs)
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(args.prompt_tokens // 2, args.prompt_tokens + 1, (n,), generator=g)
-    ids = torch.full((n, args.prompt_tokens), 2)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths.tolist()):  # left padding
-        ids[row, -length:] = torch.randint(100, 49000, (length,), generator=g)
-        mask[row, -length:] = 1
+    ids, mask, lengths = left_padded_prompts(n, args.prompt_tokens)
     ids, mask = ids.to(args.device), mask.to(args.device)
     base = prepare(load())  # the same batch without adapters: what the adapters add on top of it
     out = {}

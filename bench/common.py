@@ -175,6 +175,19 @@ def load_base(name: str = "smollm2-135m-instruct"):
     return (lambda: AutoModelForCausalLM.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path), path
 
 
+def left_padded_prompts(rows: int, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, mask, lengths)``: ``rows`` random prompts of ``prompt_tokens // 2`` to ``prompt_tokens`` tokens, padded
+    on the left with token 2 (seed 0): the mixed batch of bench_inference.py and decode_floor.py."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(prompt_tokens // 2, prompt_tokens + 1, (rows,), generator=g)
+    ids = torch.full((rows, prompt_tokens), 2)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, -length:] = torch.randint(100, 49000, (length,), generator=g)
+        mask[row, -length:] = 1
+    return ids, mask, lengths
+
+
 def dialogsum_training_batch(tokenizer, rows: int = 4, tokens: int = 256) -> dict[str, torch.Tensor]:
     """``rows`` x ``tokens`` of DialogSum dev as a training batch: the first rows whose prompt + summary
     (peftkit's default prompt format) has at least ``tokens`` tokens, each cut to its last ``tokens``

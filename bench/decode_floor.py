@@ -25,22 +25,10 @@ import json
 import time
 
 import torch
-from common import RESULTS, load_base, median, set_threads
+from common import RESULTS, left_padded_prompts, load_base, median, set_threads
 from transformers import DynamicCache, StaticCache
 
 from peftkit.precision import bf16_support, cast_linear_weights_to_bf16
-
-
-def batch(n: int, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of bench_inference.py's mixed part: left-padded random prompts."""
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(prompt_tokens // 2, prompt_tokens + 1, (n,), generator=g)
-    ids = torch.full((n, prompt_tokens), 2)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths.tolist()):
-        ids[row, -length:] = torch.randint(100, 49000, (length,), generator=g)
-        mask[row, -length:] = 1
-    return ids, mask
 
 
 def pack_linear_weights(model: torch.nn.Module, bf16: bool, rows: int) -> None:
@@ -98,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     load, _, _ = load_base(args.model)
-    ids, mask = batch(args.rows, args.prompt_tokens)
+    ids, mask, _ = left_padded_prompts(args.rows, args.prompt_tokens)
     bf16 = bf16_support(torch.device("cpu"))[0] if args.bf16 is None else args.bf16
     reference = RESULTS / "inference.json"
     peft_s = {}
