@@ -91,8 +91,15 @@ def main() -> None:
     reference = RESULTS / "inference.json"
     peft_s = {}
     if reference.is_file():
-        results = json.loads(reference.read_text())["results"]
-        peft_s = {label: results[f"mixed_batch_{label}"]["median_s"] for label in ("fp32", "bf16") if f"mixed_batch_{label}" in results}
+        then = json.loads(reference.read_text())
+        ran = then.get("settings", {})
+        same = (ran.get("model"), ran.get("adapters"), ran.get("prompt_tokens"), ran.get("new_tokens")) == (
+            args.model, args.rows, args.prompt_tokens, args.new_tokens)
+        if same:
+            results = then["results"]
+            peft_s = {label: results[f"mixed_batch_{label}"]["median_s"] for label in ("fp32", "bf16") if f"mixed_batch_{label}" in results}
+        else:
+            print(f"decode_floor: {reference} was measured with other settings; no ratio vs peft")
     for label, use_bf16 in [("fp32", False)] + ([("bf16", True)] if bf16 else []):
         model = load()
         if use_bf16:
