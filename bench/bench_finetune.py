@@ -71,7 +71,7 @@ def reference_worker(output: str, examples: int, seed: int, model_name: str) -> 
 
 def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
     cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
-           "--output", output, "--method", "lora", "--rank", str(RANK), "--alpha", str(ALPHA), "--dropout", "0",
+           "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
            "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10"]
     started = time.perf_counter()

@@ -18,7 +18,7 @@ from torch import nn
 from peftkit import BottleneckConfig, LoraConfig, PeftModel, get_peft_model
 from peftkit.inject import hosts
 from peftkit.methods.bottleneck import BottleneckLayer, FeedForwardInputTap
-from peftkit.presets import MethodOptions, build_config
+from peftkit.registry import get_preset
 
 PLACEMENTS = ["pfeiffer", "houlsby", "parallel"]
 HIDDEN, LAYERS = 32, 2  # of every tiny model in conftest
@@ -309,9 +309,9 @@ def test_lora_inside_a_bottleneck_wrapped_block(bottleneck_first):
 
 
 def test_preset():
-    config = build_config("bottleneck", MethodOptions(bottleneck_size=16, placement="houlsby"))
+    config = get_preset("bottleneck").build({"bottleneck_size": "16", "placement": "houlsby"})
     assert isinstance(config, BottleneckConfig) and (config.bottleneck_size, config.placement) == (16, "houlsby")
-    with pytest.raises(ValueError, match="does not use option"):
-        build_config("bottleneck", MethodOptions(rank=4))
+    with pytest.raises(ValueError, match="has no option 'r'; it takes: bottleneck_size"):
+        get_preset("bottleneck").build({"r": 4})
     with pytest.raises(ValueError, match="placement must be one of"):
-        build_config("bottleneck", MethodOptions(placement="after"))
+        get_preset("bottleneck").build({"placement": "after"})

@@ -13,7 +13,7 @@ from peftkit.data import PromptFormat
 from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build_experiment_config, run_experiment
 from peftkit.experiments import worker as worker_module
 from peftkit.experiments.runner import _execute, entry_spec, file_identity
-from peftkit.presets import get_preset
+from peftkit.registry import get_preset
 from peftkit.train import loop as loop_module
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -52,7 +52,7 @@ def compared(work):
     """baseline, full, lora (lr given per method) and ia3 (its default lr), through the command line."""
     out = work["root"] / "cmp"
     code = main(["compare", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
-                 "--output", str(out), "--methods", "baseline,full,lora,ia3", "--per-method", "lora.lr=5e-3,lora.rank=4",
+                 "--output", str(out), "--methods", "baseline,full,lora,ia3", "--per-method", "lora.lr=5e-3,lora.r=4",
                  "--max-steps", "4", "--batch-size", "4", "--eval-limit", "6", "--max-new-tokens", "6",
                  "--eval-batch-size", "4", "--latency-rows", "2", "--example-rows", "2", "--precision", "fp32",
                  "--no-isolate", "--max-source-tokens", "48"])
@@ -87,7 +87,7 @@ def test_parameters_learning_rates_and_stored_sizes(compared, work):
     total = rows["baseline"]["total_params"]
     # LoRA r=4 on q_proj (32 -> 32) and v_proj (32 -> 16) of 2 layers: r x (in + out) each.
     assert rows["lora"]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
-    assert rows["lora"]["method_options"]["rank"] == 4
+    assert rows["lora"]["method_options"] == {"r": 4}
     assert rows["lora"]["total_params"] == total + rows["lora"]["trainable_params"]
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"] == total
     assert rows["baseline"]["trainable_params"] == 0 and rows["baseline"]["trainable_percent"] == 0
@@ -236,7 +236,7 @@ def test_rank_sweep(work, tmp_path):
     for rank in (2, 4):
         assert rows[f"lora-r{rank}-q_proj"]["trainable_params"] == 2 * rank * 64
         assert rows[f"lora-r{rank}-q_proj+v_proj"]["trainable_params"] == 2 * rank * (64 + 48)
-        assert rows[f"lora-r{rank}-q_proj"]["method_options"]["alpha"] is None  # alpha = 2 x rank: same scale
+        assert rows[f"lora-r{rank}-q_proj"]["method_options"]["lora_alpha"] == 2 * rank  # the same scale at every rank
     assert report["plots"] == ["quality_vs_params.png", "costs.png", "rank_sweep.png"]
     assert (tmp_path / "rank_sweep.png").read_bytes().startswith(PNG)
 
@@ -260,17 +260,18 @@ def test_sweep_command_line(work, tmp_path, capsys):
     ({"methods": ["lora", "a b=lora"]}, "NAME=METHOD"),
     ({"methods": ["lora", "lora2=lorra"]}, "Unknown method 'lorra'"),
     ({"per_method": ["ia3.lr=1e-3"]}, "not in --methods"),
-    ({"per_method": ["full.rank=4"]}, "full does not use 'rank'"),
+    ({"per_method": ["full.r=4"]}, "full does not take 'r'"),
     ({"per_method": ["baseline.lr=1e-3"]}, "baseline trains nothing"),
     ({"per_method": ["lora.lr=-1"]}, "must be > 0"),
     ({"num_virtual_tokens": 4}, "used by none of the entries"),
+    ({"lora.r": 4}, "settings of one method go in per_method"),
     ({"latency_rows": -1}, "latency_rows must be"),
     ({"max_new_tokens": 0}, "max_new_tokens must be"),
     ({"batch_size": 0}, "batch_size must be"),
 ])
 def test_bad_settings_are_refused(kw, message):
-    options = {k: v for k, v in kw.items() if k == "num_virtual_tokens"}
-    rest = {k: v for k, v in kw.items() if k != "num_virtual_tokens"}
+    options = {k: v for k, v in kw.items() if k in ("num_virtual_tokens", "lora.r")}
+    rest = {k: v for k, v in kw.items() if k not in options}
     base = {"methods": ["baseline", "full", "lora"], "train_data": "t.jsonl", "eval_data": "e.jsonl", "output": "o"}
     with pytest.raises(ValueError, match=message):
         if options:
@@ -287,25 +288,25 @@ def test_missing_data_or_output_is_refused():
 
 def test_per_method_settings_from_yaml_and_the_command_line(tmp_path):
     yaml_file = tmp_path / "cmp.yaml"
-    yaml_file.write_text("methods: [baseline, lora, prompt_tuning]\nmax_steps: 30\nper_method:\n  lora: {rank: 16, lr: 5e-4, "
+    yaml_file.write_text("methods: [baseline, lora, prompt_tuning]\nmax_steps: 30\nper_method:\n  lora: {r: 16, lr: 5e-4, "
                          "target_modules: [q_proj, v_proj]}\n  prompt_tuning: {num_virtual_tokens: 8}\n")
     cfg = build_experiment_config(CompareConfig, str(yaml_file), ["eval_limit=10"], train_data="t", eval_data="e", output="o")
     lora, prompt = cfg.entries()[1:]
-    assert (lora.options.rank, lora.lr, lora.options.target_modules) == (16, 5e-4, ["q_proj", "v_proj"])
-    assert prompt.options.num_virtual_tokens == 8 and prompt.lr == get_preset("prompt_tuning").default_lr
+    assert (lora.options["r"], lora.lr, lora.options["target_modules"]) == (16, 5e-4, ["q_proj", "v_proj"])
+    assert prompt.options["num_virtual_tokens"] == 8 and prompt.lr == get_preset("prompt_tuning").default_lr
     assert cfg.max_steps == 30 and cfg.eval_limit == 10
     # On the command line a list value keeps its commas.
-    cfg = CompareConfig(methods=["lora"], per_method=["lora.target_modules=q_proj", "k_proj", "lora.rank=2"])
-    assert (cfg.entries()[0].options.target_modules, cfg.entries()[0].options.rank) == (["q_proj", "k_proj"], 2)
+    cfg = CompareConfig(methods=["lora"], per_method=["lora.target_modules=q_proj", "k_proj", "lora.r=2"])
+    assert cfg.entries()[0].options == {"target_modules": ["q_proj", "k_proj"], "r": 2}
     # Two settings of one method, under their own names.
     cfg = CompareConfig(methods=["lora", "lora_all=lora"], per_method=["lora_all.target_modules=all-linear", "lora_all.lr=1e-3"])
     (lora, lora_all) = cfg.entries()
-    assert (lora.name, lora.method, lora.options.target_modules) == ("lora", "lora", None)
-    assert (lora_all.name, lora_all.method, lora_all.options.target_modules, lora_all.lr) == ("lora_all", "lora", "all-linear", 1e-3)
+    assert (lora.name, lora.method, lora.options) == ("lora", "lora", {})
+    assert (lora_all.name, lora_all.method, lora_all.options, lora_all.lr) == ("lora_all", "lora", {"target_modules": "all-linear"}, 1e-3)
     # A shared option goes to the methods that use it only.
-    cfg = CompareConfig(methods=["full", "lora"], method_options=type(cfg.method_options)(rank=32))
-    full, lora = cfg.entries()
-    assert lora.options.rank == 32 and full.options.rank == type(cfg.method_options)().rank
+    cfg = CompareConfig(methods=["full", "lora", "ia3"], method_options={"r": 32, "target_modules": ["q_proj"]})
+    full, lora, ia3 = cfg.entries()
+    assert (full.options, lora.options, ia3.options) == ({}, {"r": 32, "target_modules": ["q_proj"]}, {"target_modules": ["q_proj"]})
 
 
 def test_train_uses_the_methods_default_lr_when_none_is_given(work, tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_contract import loss_of
 
 from peftkit import FullConfig, IA3Config, PeftModel, get_peft_model
-from peftkit.presets import MethodOptions, build_config, get_preset
+from peftkit.registry import get_preset
 
 
 def step(model, arch: str) -> None:
@@ -94,10 +94,10 @@ def test_cannot_share_the_model_with_another_adapter():
 
 def test_preset():
     preset = get_preset("full")
-    assert preset.saves_full_model and not preset.uses
-    assert isinstance(build_config("full", MethodOptions()), FullConfig)
-    with pytest.raises(ValueError, match="does not use option"):
-        build_config("full", MethodOptions(rank=16))
+    assert preset.saves_full_model and not preset.options()
+    assert isinstance(preset.build(), FullConfig)
+    with pytest.raises(ValueError, match="has no option 'r'; it takes: no options"):
+        preset.build({"r": 16})
 
 
 def test_loaded_for_inference_is_frozen_and_trainable_on_request(tmp_path):

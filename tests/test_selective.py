@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from peftkit import LoraConfig, PeftModel, SelectiveConfig, get_peft_model
 from peftkit.methods.selective import BIAS_PATTERNS, NORM_PATTERNS
-from peftkit.presets import MethodOptions, build_config
+from peftkit.registry import get_preset
 
 
 def selected(model) -> list[str]:
@@ -138,13 +138,15 @@ def test_cannot_share_the_model_with_another_adapter():
 
 
 def test_round_trip_through_files_and_presets(tmp_path):
-    config = build_config("selective", MethodOptions(patterns=[r"ln_f"], layers=None))
+    config = get_preset("selective").build({"patterns": [r"ln_f"], "layers": None})
     assert config == SelectiveConfig(patterns=[r"ln_f"])
-    assert build_config("bitfit", MethodOptions()).patterns == BIAS_PATTERNS
-    assert build_config("last_layers", MethodOptions()).layers == [-1]
-    assert build_config("last_layers", MethodOptions(layers=[-2, -1])).layers == [-2, -1]
-    with pytest.raises(ValueError, match="does not use option"):
-        build_config("bitfit", MethodOptions(rank=4))
+    assert get_preset("bitfit").build().patterns == BIAS_PATTERNS
+    assert get_preset("last_layers").build().layers == [-1]
+    assert get_preset("last_layers").build({"layers": "-2,-1"}).layers == [-2, -1]
+    with pytest.raises(ValueError, match="has no option 'r'"):
+        get_preset("bitfit").build({"r": 4})
+    with pytest.raises(ValueError, match="fixes patterns="):
+        get_preset("bitfit").build({"patterns": ["ln_f"]})
     model = get_peft_model(build("gpt2"), config)
     nudge(model)
     model.save_pretrained(tmp_path)

@@ -12,7 +12,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from peftkit.methods.prompt_tuning import from_peft_fields, to_peft_fields
-from peftkit.presets import MethodOptions, build_config
+from peftkit.registry import get_preset
 
 P = 3
 SOFT = {
@@ -411,13 +411,13 @@ def test_prefix_tuning_refuses_gradient_checkpointing():
 
 # --- presets -------------------------------------------------------------------------------------------------
 def test_presets_build_the_configs():
-    options = MethodOptions(num_virtual_tokens=8, init_text=TEXT)
-    assert build_config("prompt_tuning", options) == PromptTuningConfig(num_virtual_tokens=8, init_text=TEXT)
-    assert build_config("prefix_tuning", MethodOptions(encoder_hidden_size=64)).uses_projection
-    assert not build_config("prefix_tuning", MethodOptions()).uses_projection
-    assert build_config("p_tuning", MethodOptions()).encoder_hidden_size == 128
-    with pytest.raises(ValueError, match="does not use option"):
-        build_config("prefix_tuning", MethodOptions(init_text=TEXT))
+    options = {"num_virtual_tokens": 8, "init_text": TEXT}
+    assert get_preset("prompt_tuning").build(options) == PromptTuningConfig(num_virtual_tokens=8, init_text=TEXT)
+    assert get_preset("prefix_tuning").build({"encoder_hidden_size": 64}).uses_projection
+    assert not get_preset("prefix_tuning").build().uses_projection
+    assert get_preset("p_tuning").build().encoder_hidden_size == 128
+    with pytest.raises(ValueError, match="has no option 'init_text'"):
+        get_preset("prefix_tuning").build({"init_text": TEXT})
 
 
 def test_positional_arguments_are_bound_to_parameter_names():

@@ -18,7 +18,6 @@ import tiny_pipeline as tiny
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.data import IGNORE_INDEX, PromptFormat, collate_for_training, encode_examples, read_examples
 from peftkit.hub import load_model
-from peftkit.presets import MethodOptions
 from peftkit.train import TargetOnlyHead, TrainConfig, TrainingDiverged, build_train_config, loss_sum, lr_factor, train
 from peftkit.train import loop as loop_module
 
@@ -151,7 +150,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 # --- the loop ------------------------------------------------------------------------------------------
 def test_training_lowers_the_loss_and_saves_a_peft_adapter(work):
     out = work["root"] / "learn"
-    options = MethodOptions(target_modules="all-linear")
+    options = {"target_modules": "all-linear"}
     run = train(config(work, out, max_steps=40, lr=1e-2, eval_data=work["eval"], eval_every=20, batch_size=8, method_options=options))
     lines = log_lines(out)
     losses = [line["loss"] for line in lines if "loss" in line]
@@ -176,7 +175,7 @@ def test_training_lowers_the_loss_and_saves_a_peft_adapter(work):
 
 def test_seq2seq_training_lowers_the_loss(work):
     out = work["root"] / "t5"
-    cfg = config(work, out, max_steps=30, lr=1e-2, batch_size=8, method_options=MethodOptions(target_modules="all-linear"))
+    cfg = config(work, out, max_steps=30, lr=1e-2, batch_size=8, method_options={"target_modules": "all-linear"})
     cfg.model = tiny.model_dir(work["root"], "t5")
     train(cfg)
     losses = [line["loss"] for line in log_lines(out)]
@@ -196,7 +195,7 @@ def test_gradient_accumulation_equals_one_large_batch(work):
 
 
 def _no_dropout():
-    return MethodOptions(dropout=0.0)
+    return {"lora_dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +307,7 @@ def test_full_fine_tuning_saves_a_complete_trained_model(work):
 
 def test_two_processes_with_ddp_match_one_process(work, tmp_path):
     common = ["--model", work["llama"], "--data", work["data"], "--max-source-tokens", "48", "--precision", "fp32",
-              "--max-steps", "5", "--lr", "1e-2", "--dropout", "0", "--log-every", "1"]
+              "--max-steps", "5", "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
@@ -330,13 +329,24 @@ def test_two_processes_with_ddp_match_one_process(work, tmp_path):
 # --- configuration ---------------------------------------------------------------------------------------
 def test_config_layers_yaml_then_set_then_flags(tmp_path):
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("data: d.jsonl\noutput: out\nlr: 2e-4\nrank: 16\nmax_steps: 10\nformat:\n  max_source_tokens: 300\n")
+    yaml_file.write_text("data: d.jsonl\noutput: out\nlr: 2e-4\nlora:\n  r: 16\nmax_steps: 10\nformat:\n  max_source_tokens: 300\n")
     cfg = build_train_config(str(yaml_file), ["lr=1e-3", "target_modules=q_proj,v_proj", "format.truncation_side=left"], max_steps=20)
-    assert (cfg.lr, cfg.max_steps, cfg.method_options.rank) == (1e-3, 20, 16)
-    assert cfg.method_options.target_modules == ["q_proj", "v_proj"]
+    assert (cfg.lr, cfg.max_steps, cfg.method_options["r"]) == (1e-3, 20, 16)
+    assert cfg.method_options["target_modules"] == ["q_proj", "v_proj"]
+    assert (cfg.method_config().r, cfg.method_config().lora_alpha) == (16, 16)  # lora_alpha: the preset's 16, not 2 x r
     assert (cfg.format.max_source_tokens, cfg.format.truncation_side) == (300, "left")
-    assert build_train_config(sets=["target_modules=all-linear"]).method_options.target_modules == "all-linear"
-    assert build_train_config(sets=["target_modules=.*proj"]).method_options.target_modules == ".*proj"
+    assert build_train_config(sets=["target_modules=all-linear"]).method_options["target_modules"] == "all-linear"
+    assert build_train_config(sets=["lora.target_modules=.*proj"]).method_config().target_modules == ".*proj"
+    assert build_train_config(sets=["method_options.lora_dropout=0.1"]).method_config().lora_dropout == 0.1
+    assert build_train_config(sets=["method=dora", "dora.r=4"], lora_alpha="8").method_config().use_dora
+    with pytest.raises(ValueError, match="lora.r is a setting of method 'lora', but the method is 'ia3'"):
+        build_train_config(sets=["method=ia3", "lora.r=4"])
+    with pytest.raises(ValueError, match="Method 'ia3' has no option 'r'; it takes: target_modules"):
+        build_train_config(sets=["method=ia3", "r=4"])
+    with pytest.raises(ValueError, match="Method 'bitfit' fixes patterns"):
+        build_train_config(sets=["method=bitfit", "patterns=x"])
+    with pytest.raises(ValueError, match="lora.r must be an integer"):
+        build_train_config(sets=["r=big"])
     with pytest.raises(ValueError, match="Unknown setting 'learning_rate'; known settings: .*lr"):
         build_train_config(sets=["learning_rate=1"])
     with pytest.raises(ValueError, match="batch_size must be an integer"):
@@ -345,6 +355,21 @@ def test_config_layers_yaml_then_set_then_flags(tmp_path):
         build_train_config(sets=["warmup=10"])
     with pytest.raises(ValueError, match="schedule must be one of"):
         build_train_config(sets=["schedule=step"])
+
+
+def test_old_option_names_still_work_for_one_release(capsys):
+    from peftkit.cli import build_parser
+    from peftkit.commands._args import flags_from
+
+    args = build_parser().parse_args(["train", "--rank", "16", "--dropout", "0.1"])
+    cfg = build_train_config(args.config, args.set, **flags_from(args, args._dests))
+    # The old default alpha = 2 x rank is kept for the old name, so an old command trains the same model.
+    assert (cfg.method_options, cfg.method_config().lora_alpha) == ({"r": 16, "lora_dropout": 0.1, "lora_alpha": 32}, 32)
+    err = capsys.readouterr().err
+    assert "'rank' (--rank) is deprecated" in err and "use 'r' (--r)" in err and "use 'lora_dropout'" in err
+    assert build_train_config(sets=["rank=4", "alpha=4"]).method_config().lora_alpha == 4
+    with pytest.raises(ValueError, match="Both 'rank' and 'r' are set"):
+        build_train_config(sets=["rank=4", "r=8"])
 
 
 def test_cli_reports_bad_input_in_one_line(work, tmp_path, capsys):
@@ -356,7 +381,7 @@ def test_cli_reports_bad_input_in_one_line(work, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.jsonl: row 1 has no field 'dialogue'" in err
     assert main(["train", "--data", "x.jsonl", "--output", "o", "--method", "lora", "--set", "num_virtual_tokens=5"]) == 2
-    assert "does not use option(s) num_virtual_tokens" in capsys.readouterr().err
+    assert "Method 'lora' has no option 'num_virtual_tokens'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--batch-size", "zero"])
     assert "--batch-size must be an integer" in capsys.readouterr().err
@@ -368,7 +393,7 @@ def test_train_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--rank", "--alpha", "--dropout", "--target-modules", "--num-virtual-tokens", "--init-text", "--bottleneck-size",
+    for flag in ("--r", "--lora-alpha", "--lora-dropout", "--rank", "--alpha", "--dropout", "--target-modules", "--num-virtual-tokens", "--init-text", "--bottleneck-size",
                  "--placement", "--patterns", "--layers", "--epochs", "--max-steps", "--batch-size", "--grad-accum", "--lr",
                  "--warmup", "--eval-data", "--eval-every", "--save-every", "--seed", "--config", "--set", "--resume", "--precision"):
         assert flag in text, flag

@@ -1,8 +1,9 @@
 """Filling typed dataclass configs from YAML files, ``--set key=value`` and command-line flags.
 
 A config is a dataclass whose fields are plain values or nested dataclasses (``TrainConfig.format``
-is a :class:`~peftkit.data.PromptFormat`). Keys may name a nested field directly (``rank``,
-``max_source_tokens``) or by its path (``method_options.rank``). Every value is converted to the
+is a :class:`~peftkit.data.PromptFormat`). Keys may name a nested field directly (``max_source_tokens``)
+or by its path (``format.max_source_tokens``); a method's options (``r``, ``lora.r``, ``method_options.r``)
+are kept for the method's own config class to read. Every value is converted to the
 field's annotated type, and a wrong key or value is an error that says what is accepted: nothing is
 silently ignored.
 """
@@ -70,6 +71,19 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if value in args:
             return value
         raise ValueError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}.")
+    if annotation is Any:
+        return value
+    if origin is dict:
+        key_type, value_type = args or (str, Any)
+        mapping = value
+        if isinstance(value, str):  # command-line text: a YAML/JSON mapping, e.g. "{q_proj: 16}"
+            try:
+                mapping = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                mapping = None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{key} must be a mapping such as {{name: value}}, got {value!r}.")
+        return {coerce(k, key_type, key): coerce(v, value_type, f"{key}.{k}") for k, v in mapping.items()}
     if origin is list:
         (item,) = args
         items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
@@ -178,10 +192,55 @@ def build(cls: type, yaml_path: str | None = None, sets: list[str] | None = None
         file_values = read_yaml(yaml_path)
     from_file = _flatten(config, file_values or {})
     layers = [from_file, parse_sets(sets), {k: v for k, v in flags.items() if v is not None}]
+    method_options: dict[str, tuple[str | None, Any]] = {}
     for layer in layers:
         for key, value in layer.items():
-            set_value(config, key, value)
+            if not _method_option(config, key, value, method_options):
+                set_value(config, key, value)
+    if method_options:
+        _set_method_options(config, method_options)
     return revalidate(config)
+
+
+# --- method options: the settings of the method's own config class (LoraConfig.r, IA3Config.target_modules, ...)
+# A config with a ``method_options`` dict (TrainConfig, the comparisons) takes them as ``method_options.KEY``,
+# ``METHOD.KEY`` (``lora.r``; in YAML also a ``lora:`` mapping) or plain ``KEY`` (``r``, ``target_modules``).
+# They stay raw here: the method's preset converts and checks them (registry.Preset.read) when the config
+# validates, since only the method knows its options' types.
+
+def _method_option(config: Any, key: str, value: Any, out: dict[str, tuple[str | None, Any]]) -> bool:
+    """Collect ``key`` into ``out`` if it names a method option of ``config``; False if it is an ordinary setting."""
+    if "method_options" not in {f.name for f in dataclasses.fields(config)}:
+        return False
+    from .registry import option_names, presets
+
+    head, dot, rest = key.partition(".")
+    if key == "method_options" or (not dot and key in presets() and isinstance(value, dict)):
+        if not isinstance(value, dict):
+            raise ValueError(f"method_options must be a mapping of option: value (e.g. {{r: 16}}), got {value!r}.")
+        section = None if key == "method_options" else key
+        out.update({str(k): (section, v) for k, v in value.items()})
+        return True
+    if dot and (head == "method_options" or head in presets()) and "." not in rest:
+        out[rest] = (None if head == "method_options" else head, value)
+        return True
+    if not dot and key not in known_keys(config) and key in option_names():
+        out[key] = (None, value)
+        return True
+    return False
+
+
+def _set_method_options(config: Any, collected: dict[str, tuple[str | None, Any]]) -> None:
+    method = getattr(config, "method", None)
+    for key, (section, _) in collected.items():
+        if section is None or section == method:
+            continue
+        if method is None:
+            raise ValueError(f"{section}.{key}: settings of one method go in per_method ({section}.{key}=...); "
+                             f"plain {key}=... sets it for every method that takes it.")
+        raise ValueError(f"{section}.{key} is a setting of method {section!r}, but the method is {method!r}: "
+                         f"write {method}.{key} (or {key}), or choose --method {section}.")
+    config.method_options = {**config.method_options, **{key: value for key, (_, value) in collected.items()}}
 
 
 def field_help(cls: type) -> dict[str, str]:

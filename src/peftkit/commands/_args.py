@@ -26,6 +26,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
         value = getattr(defaults, f.name)
         if f.name in skip:
             continue
+        if f.name == "method_options":
+            dests += add_method_arguments(parser, skip)
+            continue
         if dataclasses.is_dataclass(value):
             sub_title = f"{f.name.replace('_', ' ')} ({helps.get(f.name, '').rstrip('.')})"
             dests += add_config_arguments(parser, type(value), skip, sub_title, choices, extra_help, metavars)
@@ -44,6 +47,42 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
     return dests
 
 
+def add_method_arguments(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> list[str]:
+    """One flag per option of any registered method (``--r``, ``--lora-alpha``, ``--target-modules``, ...),
+    named and described as in the method's config class; the chosen method checks and converts the value."""
+    from ..registry import presets
+
+    group = parser.add_argument_group("method options (each method takes some; `peftkit methods` lists which)")
+    by_option: dict[str, list] = {}
+    for preset in presets().values():
+        for option in preset.options():
+            by_option.setdefault(option, []).append(preset)
+    dests = []
+    for option, users in sorted(by_option.items()):
+        if option in skip:
+            continue
+        kinds = {str(preset.option_types()[option]) for preset in users}
+        defaults = {preset.name: preset.option_defaults()[option] for preset in users}
+        shown = (_show(next(iter(defaults.values()))) if len({repr(v) for v in defaults.values()}) == 1
+                 else ", ".join(f"{name} {_show(v)}" for name, v in defaults.items()))
+        text = field_help(users[0].config_class).get(option, "")
+        text = f"{text} Methods: {', '.join(p.name for p in users)}. (default: {shown})".replace("%", "%%")
+        dest = f"method_options.{option}"
+        flag = "--" + option.replace("_", "-")
+        if kinds == {"<class 'bool'>"}:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest, default=None, metavar=_metavar(users[0].option_types()[option], option),
+                               help=text)
+        dests.append(dest)
+    legacy = sorted({old for preset in presets().values() for old in preset.legacy} - set(by_option) - set(skip))
+    for old in legacy:
+        group.add_argument("--" + old.replace("_", "-"), dest=f"method_options.{old}", default=None,
+                           help="deprecated (read for one more release): see the warning it prints for the new name")
+        dests.append(f"method_options.{old}")
+    return dests
+
+
 def flags_from(args: argparse.Namespace, dests: list[str]) -> dict[str, Any]:
     return {d: getattr(args, d) for d in dests if getattr(args, d, None) is not None}
 
@@ -52,7 +91,7 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (any option below, by its name with "
                         "underscores, e.g. `max_steps: 200`); flags given on the command line win over it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                        help="override one setting, e.g. --set lr=1e-4 --set rank=16 (repeatable; wins over --config)")
+                        help="override one setting, e.g. --set lr=1e-4 --set lora.r=16 (repeatable; wins over --config)")
 
 
 def _parser(annotation: Any, name: str):

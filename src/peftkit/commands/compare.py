@@ -21,7 +21,7 @@ from ._args import add_config_arguments, add_config_file_arguments, flags_from
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..experiments import CompareConfig
-    from ..presets import presets
+    from ..registry import presets
 
     p = sub.add_parser("compare", help="compare methods on one task: ROUGE, parameters, memory, time, size, latency",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

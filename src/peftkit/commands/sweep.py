@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="LoRA at several ranks (and module sets): the compare report plus ROUGE vs rank",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_file_arguments(p)
-    dests = add_config_arguments(p, SweepConfig, skip={"rank"})
+    dests = add_config_arguments(p, SweepConfig, skip={"r", "rank"})
     p.set_defaults(func=run, _dests=dests)
 
 

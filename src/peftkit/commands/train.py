@@ -1,7 +1,7 @@
 """``peftkit train``: fine-tune a model on your data with any PEFT method.
 
 Example:
-  peftkit train --data train.jsonl --output runs/lora --method lora --rank 16 --max-steps 200
+  peftkit train --data train.jsonl --output runs/lora --method lora --r 16 --max-steps 200
 
 Writes the adapter (Hugging Face PEFT format: adapter_config.json + adapter_model.safetensors) and the
 tokenizer to --output, or a complete model for methods that train the base weights (full fine-tuning),
@@ -18,7 +18,7 @@ from ._args import add_config_arguments, add_config_file_arguments, flags_from
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..presets import presets
+    from ..registry import presets
     from ..train import TrainConfig
 
     p = sub.add_parser("train", help="fine-tune a model on a dataset (any method)", description=__doc__,

@@ -18,7 +18,7 @@ from ..data import PromptFormat
 from ..evaluate import EvalConfig, GenerationSettings
 from ..hub import DEFAULT_MODEL
 from ..options import build, coerce, field_types, read_yaml
-from ..presets import MethodOptions, get_preset, presets
+from ..registry import get_preset, presets
 from ..train import TrainConfig
 
 BASELINE = "baseline"
@@ -32,13 +32,13 @@ class Entry:
     Args:
         name: Row label and sub-folder name (``lora``, ``lora-r16``, ``baseline``).
         method: A method preset (``peftkit train --help`` lists them), or ``baseline``.
-        options: The method's options (only the ones its preset uses differ from the defaults).
+        options: The method's options that differ from its defaults, by the config's field names (``r``, ...).
         lr: Peak learning rate (``None`` for the baseline, which does not train).
     """
 
     name: str
     method: str
-    options: MethodOptions = field(default_factory=MethodOptions)
+    options: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None
 
     @property
@@ -56,8 +56,8 @@ class ExperimentConfig:
         eval_data: Rows to generate and score with ROUGE; every entry is scored on the same ones.
         output: Directory for report.json, report.md, the plots and one sub-folder per entry (runs/NAME).
             Running again with the same output reuses every entry that finished with the same settings.
-        method_options: Method options shared by the entries; each method reads only the ones it uses,
-            and setting one that no entry uses is an error.
+        method_options: Method options shared by the entries, by peft's field names (``r``, ``target_modules``,
+            ...); each method reads the ones it takes, and setting one that no entry takes is an error.
         format: Input/target fields, prompt template and truncation, for training and evaluation alike.
         epochs: Passes over the training rows (fractions allowed); ignored when max_steps is set.
         max_steps: Optimizer steps per trained entry (the training budget); overrides epochs.
@@ -94,7 +94,7 @@ class ExperimentConfig:
     train_data: str = ""
     eval_data: str = ""
     output: str = ""
-    method_options: MethodOptions = field(default_factory=MethodOptions)
+    method_options: dict[str, Any] = field(default_factory=dict)
     format: PromptFormat = field(default_factory=PromptFormat)
     epochs: float = 1.0
     max_steps: int | None = None
@@ -163,18 +163,23 @@ class ExperimentConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
                           limit=self.eval_limit, format=self.format, generation=self.generation(), cpu=self.cpu)
 
-    def _entry(self, name: str, method: str, options: MethodOptions | None = None, lr: float | None = None) -> Entry:
-        """An entry for ``method``: the shared options it uses, and ``lr`` or the shared or method's default."""
+    def _entry(self, name: str, method: str, options: dict[str, Any] | None = None, lr: float | None = None) -> Entry:
+        """An entry for ``method``: the shared options it takes, and ``lr`` or the shared or method's default."""
         if method == BASELINE:
             return Entry(name, BASELINE)
         preset = get_preset(method)
         shared = options if options is not None else self.method_options
-        own = MethodOptions(**{k: getattr(shared, k) for k in preset.uses})
+        takes = {*preset.options(), *preset.legacy}
+        own = preset.read({k: v for k, v in shared.items() if k in takes})
         return Entry(name, method, own, lr if lr is not None else self.lr if self.lr is not None else preset.default_lr)
 
     def _check_options_used(self, entries: list[Entry]) -> None:
-        used = set().union(*(get_preset(e.method).uses for e in entries if e.trains)) if entries else set()
-        unused = sorted(self.method_options.changed() - used)
+        used = set()
+        for entry in entries:
+            if entry.trains:
+                preset = get_preset(entry.method)
+                used |= {*preset.options(), *preset.legacy}
+        unused = sorted(set(self.method_options) - used)
         if unused:
             raise ValueError(f"Option(s) {', '.join(unused)} are used by none of the entries "
                              f"({', '.join(e.name for e in entries)}); remove them or add a method that uses them.")
@@ -190,8 +195,8 @@ class CompareConfig(ExperimentConfig):
             bitfit, norm, last_layers, selective). NAME=METHOD adds a method under another name, to compare
             two settings of one method: lora,lora_all=lora with per_method lora_all.target_modules=all-linear.
         per_method: Settings for one entry only, as NAME.KEY=VALUE: the learning rate (lora.lr=5e-4) or any
-            method option (lora.rank=16, prompt_tuning.num_virtual_tokens=32). In YAML also a mapping
-            (per_method: {lora: {rank: 16}}).
+            method option (lora.r=16, prompt_tuning.num_virtual_tokens=32). In YAML also a mapping
+            (per_method: {lora: {r: 16}}).
     """
 
     methods: list[str] = field(default_factory=lambda: [BASELINE, "full", "lora"])
@@ -226,10 +231,10 @@ class CompareConfig(ExperimentConfig):
                         raise ValueError(f"per_method {name}.lr must be > 0, got {entry.lr!r}.")
                     continue
                 preset = get_preset(method)
-                if key not in preset.uses:
-                    raise ValueError(f"per_method {name}.{key}: {method} does not use {key!r}; it uses "
-                                     f"{', '.join(sorted(preset.uses | {'lr'}))}.")
-                setattr(entry.options, key, coerce(text, field_types(MethodOptions)[key], f"{name}.{key}"))
+                if key not in {*preset.options(), *preset.legacy}:
+                    raise ValueError(f"per_method {name}.{key}: {method} does not take {key!r}; it takes "
+                                     f"{', '.join(['lr', *preset.options()])}.")
+                entry.options = preset.read({**entry.options, key: text})
             entries.append(entry)
         self._check_options_used(entries)
         return entries
@@ -255,7 +260,7 @@ class CompareConfig(ExperimentConfig):
         for item in items:
             match = re.fullmatch(r"\s*([\w.+-]+)\.(\w+)\s*=(.*)", item)
             if match is None:
-                raise ValueError(f"per_method {item!r}: write NAME.KEY=VALUE, e.g. lora.rank=16 or full.lr=2e-5.")
+                raise ValueError(f"per_method {item!r}: write NAME.KEY=VALUE, e.g. lora.r=16 or full.lr=2e-5.")
             name, key, value = match.groups()
             if name not in names:
                 raise ValueError(f"per_method {item!r}: {name!r} is not in --methods ({', '.join(names)}).")
@@ -269,8 +274,8 @@ class SweepConfig(ExperimentConfig):
 
     Args:
         method: The method swept; any method with a rank (lora, dora).
-        ranks: Ranks to train, e.g. 4,8,16,32,64. alpha stays 2 x rank unless --alpha is given, so the
-            update's scale alpha/r is the same at every rank.
+        ranks: Ranks r to train, e.g. 4,8,16,32,64. lora_alpha is 2 x r at every rank unless --lora-alpha is
+            given, so the update's scale lora_alpha/r is the same at every rank (a sweep of capacity, not of scale).
         target_module_sets: Several sets of modules to adapt, each swept over every rank: sets separated by
             commas, modules within a set by '+', e.g. q_proj+v_proj,all-linear (None: the method's default).
         baseline: Also evaluate the frozen base model zero-shot, the reference for every gain.
@@ -287,11 +292,14 @@ class SweepConfig(ExperimentConfig):
 
     def entries(self) -> list[Entry]:
         preset = get_preset(self.method)
-        if "rank" not in preset.uses:
+        if "r" not in preset.options():
             raise ValueError(f"{self.method} has no rank to sweep; use a method with one (lora, dora).")
         if not self.ranks or any(r < 1 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"ranks must be distinct integers >= 1, got {self.ranks!r}.")
-        if self.target_module_sets and "target_modules" in self.method_options.changed():
+        shared = preset.read(self.method_options)  # old names (alpha, dropout) read as the new ones
+        if "r" in shared:
+            raise ValueError("A sweep sets r from --ranks; remove the single r (or rank) setting.")
+        if self.target_module_sets and "target_modules" in shared:
             raise ValueError("Give either --target-modules (one set) or --target-module-sets (several), not both.")
         sets: list[list[str] | str | None] = [None]
         if self.target_module_sets:
@@ -299,9 +307,9 @@ class SweepConfig(ExperimentConfig):
         entries = [self._entry(BASELINE, BASELINE)] if self.baseline else []
         for modules in sets:
             for rank in sorted(self.ranks):
-                options = dataclasses.replace(self.method_options, rank=rank)
+                options = {"lora_alpha": 2 * rank, **shared, "r": rank}
                 if modules is not None:
-                    options.target_modules = modules
+                    options["target_modules"] = modules
                 suffix = "" if modules is None else "-" + (modules if isinstance(modules, str) else "+".join(modules))
                 entries.append(self._entry(f"{self.method}-r{rank}{suffix}", self.method, options))
         self._check_options_used(entries)

@@ -106,7 +106,7 @@ def _short(value: float) -> str:
 
 
 def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
-    trained = [m for m in ok if m["method"] != BASELINE and "rank" in m["method_options"]]
+    trained = [m for m in ok if m["method"] != BASELINE and "r" in m["method_options"]]
     if not trained:
         return None
     baseline = next((m for m in ok if m["method"] == BASELINE), None)
@@ -118,8 +118,8 @@ def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
     figure, ax = plt.subplots(figsize=(7, 4.5))
     params_axis = ax.twinx()
     for i, (label, members) in enumerate(groups.items()):
-        members.sort(key=lambda m: m["method_options"]["rank"])
-        ranks = [m["method_options"]["rank"] for m in members]
+        members.sort(key=lambda m: m["method_options"]["r"])
+        ranks = [m["method_options"]["r"] for m in members]
         suffix = f" ({label})" if len(groups) > 1 else ""
         for (key, name, marker), color in zip(METRICS, COLORS):
             ax.plot(ranks, [100 * m[key] for m in members], marker=marker, color=color,
@@ -130,7 +130,7 @@ def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
         for (key, name, _), color in zip(METRICS, COLORS):
             ax.axhline(100 * baseline[key], color=color, linestyle="--", linewidth=0.8)
     ax.set_xscale("log", base=2)
-    ranks = sorted({m["method_options"]["rank"] for m in trained})
+    ranks = sorted({m["method_options"]["r"] for m in trained})
     ax.set_xticks(ranks, [str(r) for r in ranks])
     params_axis.set_yscale("log")
     ax.set_xlabel("rank r (log scale)")

@@ -28,7 +28,7 @@ REPORT_FIELDS: dict[str, str] = {
     "status": "'ok', or 'failed' (then 'error' says why and most numbers are absent)",
     "error": "the error of a failed entry, else null",
     "lr": "peak learning rate used (null for the baseline)",
-    "method_options": "the method options the entry used (rank, target_modules, ...)",
+    "method_options": "the method options the entry set (r, target_modules, ...: the config's field names)",
     **{k: f"{ROUGE_NAMES[k]} F-measure on the evaluation rows, mean over rows, in [0, 1]" for k in ROUGE_TYPES},
     **{f"{k}_delta": f"{ROUGE_NAMES[k]} minus the baseline's (null without a baseline)" for k in ROUGE_TYPES},
     "eval_examples": "rows scored",

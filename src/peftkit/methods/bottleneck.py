@@ -34,8 +34,7 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..inject import LINEAR_TYPES, Conv1D, get_submodule, model_type, name_matches, named_base_modules
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner
 
 Placement = Literal["pfeiffer", "houlsby", "parallel"]
@@ -363,13 +362,6 @@ def _describe(model: nn.Module, limit: int = 30) -> str:
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "") if items else "(none)"
 
 
-register(BottleneckConfig, BottleneckTuner)
-register_preset(
-    Preset(
-        "bottleneck",
-        lambda o: BottleneckConfig(bottleneck_size=o.bottleneck_size, placement=o.placement, target_modules=o.target_modules),
-        uses=frozenset({"bottleneck_size", "placement", "target_modules"}),
-        help="bottleneck adapters: down-project, non-linearity, up-project, after (or beside) each block",
-        default_lr=5e-4,
-    )
-)
+register(BottleneckConfig, BottleneckTuner,
+         Preset("bottleneck", "bottleneck adapters: down-project, non-linearity, up-project, after (or beside) each block",
+                default_lr=5e-4))

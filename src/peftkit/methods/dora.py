@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..presets import Preset, register_preset
-from .lora import LoraConfig, LoraLinear, _match_input_dtype
+from ..registry import Preset, register
+from .lora import LEGACY_LORA_OPTIONS, LoraConfig, LoraLinear, LoraTuner, _match_input_dtype
 
 
 class DoraLinear(LoraLinear):
@@ -91,15 +91,9 @@ class DoraLinear(LoraLinear):
         weight.data = (weight.data / factor - self.delta_weight()).to(weight.dtype)
         self.merged_norm = None
 
-
-register_preset(
-    Preset(
-        "dora",
-        lambda o: LoraConfig(
-            r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout, target_modules=o.target_modules, use_dora=True
-        ),
-        uses=frozenset({"rank", "alpha", "dropout", "target_modules"}),
-        help="DoRA: LoRA on the direction of W plus a trained magnitude per output row",
-        default_lr=2e-4,
-    )
+register(
+    LoraConfig,
+    LoraTuner,
+    Preset("dora", "DoRA: LoRA on the direction of W plus a trained magnitude per output row", default_lr=2e-4,
+           defaults={"lora_alpha": 16}, fixed={"use_dora": True}, legacy=LEGACY_LORA_OPTIONS),
 )

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import PeftConfig
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .base import InPlaceTuner
 
 
@@ -74,13 +73,6 @@ class FullTuner(InPlaceTuner):
             p.requires_grad_(False)
 
 
-register(FullConfig, FullTuner)
-register_preset(
-    Preset(
-        "full",
-        lambda o: FullConfig(),
-        help="Full fine-tuning: every parameter trains (the baseline the PEFT methods are compared with)",
-        saves_full_model=True,
-        default_lr=2e-5,
-    )
-)
+register(FullConfig, FullTuner,
+         Preset("full", "Full fine-tuning: every parameter trains (the baseline the PEFT methods are compared with)",
+                default_lr=2e-5, saves_full_model=True))

@@ -28,8 +28,7 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..inject import Conv1D, get_submodule, hosts, model_type, name_matches
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner
 from .lora import _names
 
@@ -199,13 +198,5 @@ class IA3Tuner(LayerTuner):
         return d
 
 
-register(IA3Config, IA3Tuner)
-register_preset(
-    Preset(
-        "ia3",
-        lambda o: IA3Config(target_modules=o.target_modules),
-        uses=frozenset({"target_modules"}),
-        help="(IA)^3: learned vectors rescale keys, values and the feed-forward input",
-        default_lr=3e-3,
-    )
-)
+register(IA3Config, IA3Tuner, Preset("ia3", "(IA)^3: learned vectors rescale keys, values and the feed-forward input",
+                                     default_lr=3e-3))

@@ -18,8 +18,7 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .soft_prompt import InputPromptTuner, PromptLearningConfig, VirtualTokens, _positive_int
 
 
@@ -75,13 +74,6 @@ class PromptEncoderTuner(InputPromptTuner):
         return VirtualTokens(self.num_rows(), d, head, head_name="mlp_head")
 
 
-register(PromptEncoderConfig, PromptEncoderTuner)
-register_preset(
-    Preset(
-        "p_tuning",
-        lambda o: PromptEncoderConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size or 128),
-        uses=frozenset({"num_virtual_tokens", "encoder_hidden_size"}),
-        help="P-tuning: virtual tokens produced by a small MLP prompt encoder, prepended to the input",
-        default_lr=1e-3,
-    )
-)
+register(PromptEncoderConfig, PromptEncoderTuner,
+         Preset("p_tuning", "P-tuning: virtual tokens produced by a small MLP prompt encoder, prepended to the input",
+                default_lr=1e-3))

@@ -32,8 +32,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .soft_prompt import (
     PromptLearningConfig,
     SoftPromptTuner,
@@ -145,13 +144,6 @@ class PrefixTuningTuner(SoftPromptTuner):
         return kwargs
 
 
-register(PrefixTuningConfig, PrefixTuningTuner)
-register_preset(
-    Preset(
-        "prefix_tuning",
-        lambda o: PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, encoder_hidden_size=o.encoder_hidden_size),
-        uses=frozenset({"num_virtual_tokens", "encoder_hidden_size"}),
-        help="prefix tuning: trained key/value prefixes in every (decoder) self-attention layer; optional MLP, folded on save",
-        default_lr=1e-2,
-    )
-)
+register(PrefixTuningConfig, PrefixTuningTuner,
+         Preset("prefix_tuning", "prefix tuning: trained key/value prefixes in every (decoder) self-attention layer; "
+                "optional MLP, folded on save", default_lr=1e-2))

@@ -23,8 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .soft_prompt import InputPromptTuner, PromptLearningConfig, VirtualTokens
 
 INIT_CHOICES = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -154,13 +153,6 @@ class PromptTuningTuner(InputPromptTuner):
         return data
 
 
-register(PromptTuningConfig, PromptTuningTuner)
-register_preset(
-    Preset(
-        "prompt_tuning",
-        lambda o: PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens, init_text=o.init_text),
-        uses=frozenset({"num_virtual_tokens", "init_text"}),
-        help="prompt tuning: trained embeddings prepended to the input (optionally started from a text)",
-        default_lr=3e-2,
-    )
-)
+register(PromptTuningConfig, PromptTuningTuner,
+         Preset("prompt_tuning", "prompt tuning: trained embeddings prepended to the input (optionally started from a text)",
+                default_lr=3e-2))

@@ -31,8 +31,7 @@ from typing import ClassVar
 from torch import nn
 
 from ..config import PeftConfig
-from ..presets import Preset, register_preset
-from ..registry import register
+from ..registry import Preset, register
 from .base import InPlaceTuner
 
 # The index of the repeated block a parameter belongs to: ``model.layers.3.``, ``transformer.h.3.``,
@@ -156,40 +155,15 @@ class SelectiveTuner(InPlaceTuner):
         self.originals.clear()
 
 
-register(SelectiveConfig, SelectiveTuner)
-register_preset(
-    Preset(
-        "bitfit",
-        lambda o: SelectiveConfig(patterns=BIAS_PATTERNS, layers=o.layers),
-        uses=frozenset({"layers"}),
-        help="BitFit: train only the biases (refused on models without biases, e.g. T5 and Llama)",
-        default_lr=1e-3,
-    )
-)
-register_preset(
-    Preset(
-        "norm",
-        lambda o: SelectiveConfig(patterns=NORM_PATTERNS, layers=o.layers),
-        uses=frozenset({"layers"}),
-        help="LayerNorm/RMSNorm tuning: train only the normalization gains (and biases)",
-        default_lr=1e-3,
-    )
-)
-register_preset(
-    Preset(
-        "last_layers",
-        lambda o: SelectiveConfig(layers=o.layers or [-1]),
-        uses=frozenset({"layers"}),
-        help="Train every parameter of the last blocks of each layer stack (--layers -2 -1 for two; default the last)",
-        default_lr=5e-5,
-    )
-)
-register_preset(
-    Preset(
-        "selective",
-        lambda o: SelectiveConfig(patterns=o.patterns, layers=o.layers),
-        uses=frozenset({"patterns", "layers"}),
-        help="Train the parameters whose names match --patterns (regexes), optionally only in --layers",
-        default_lr=1e-4,
-    )
+register(
+    SelectiveConfig,
+    SelectiveTuner,
+    Preset("bitfit", "BitFit: train only the biases (refused on models without biases, e.g. T5 and Llama)",
+           default_lr=1e-3, fixed={"patterns": BIAS_PATTERNS}),
+    Preset("norm", "LayerNorm/RMSNorm tuning: train only the normalization gains (and biases)",
+           default_lr=1e-3, fixed={"patterns": NORM_PATTERNS}),
+    Preset("last_layers", "Train every parameter of the last blocks of each layer stack (--layers -2,-1 for two; "
+           "default the last)", default_lr=5e-5, fixed={"patterns": None}, defaults={"layers": [-1]}),
+    Preset("selective", "Train the parameters whose names match --patterns (regexes), optionally only in --layers",
+           default_lr=1e-4),
 )

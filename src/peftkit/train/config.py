@@ -7,12 +7,13 @@ training loop reads nothing else. ``run.json`` stores it, resolved, next to the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..data import PromptFormat
 from ..hub import DEFAULT_MODEL
+from ..config import PeftConfig
 from ..options import build
-from ..presets import MethodOptions
+from ..registry import Preset, get_preset
 
 
 @dataclass
@@ -24,8 +25,10 @@ class TrainConfig:
             (``peftkit models list``).
         data: Training data: a .jsonl, .json or .csv file (DialogSum fields by default, see ``format``).
         output: Directory for the adapter (or full model), tokenizer, logs and checkpoints.
-        method: The PEFT method (all registered ones are listed below); its options are in ``method_options``.
-        method_options: Rank, alpha, target modules, ... (each method uses some of them).
+        method: The PEFT method (``peftkit methods`` lists every name with its options and default learning rate).
+        method_options: Settings of the method's own config, by peft's field names (``r``, ``lora_alpha``,
+            ``target_modules``, ...): ``--r 16``, ``--set lora.r=16`` or a ``lora:`` mapping in YAML. Unset
+            ones take the method's defaults.
         format: Input/target fields, the prompt template, truncation.
         epochs: Passes over the data (fractions allowed); ignored when ``max_steps`` is set.
         max_steps: Optimizer steps to run; overrides ``epochs``.
@@ -60,7 +63,7 @@ class TrainConfig:
     data: str = ""
     output: str = ""
     method: str = "lora"
-    method_options: MethodOptions = field(default_factory=MethodOptions)
+    method_options: dict[str, Any] = field(default_factory=dict)
     format: PromptFormat = field(default_factory=PromptFormat)
     epochs: float = 1.0
     max_steps: int | None = None
@@ -87,6 +90,9 @@ class TrainConfig:
     cpu: bool = False
 
     def __post_init__(self) -> None:
+        # The method checks and converts its own options (a wrong name or value fails here, before any work).
+        self.method_options = self.preset().read(self.method_options)
+        self.method_config()
         positive = ["batch_size", "grad_accum", "log_every", "keep_checkpoints"]
         optional_positive = ["max_steps", "limit", "eval_every", "eval_limit", "save_every"]
         for name in positive + optional_positive:
@@ -106,6 +112,18 @@ class TrainConfig:
         for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+
+    def preset(self) -> Preset:
+        return get_preset(self.method)
+
+    def method_config(self) -> PeftConfig:
+        """The method's config (``LoraConfig``, ...): the preset's defaults with ``method_options`` applied."""
+        return self.preset().build(self.method_options)
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or the method's own default when none was given."""
+        return self.lr if self.lr is not None else self.preset().default_lr
 
     def check_required(self) -> None:
         if not self.data:

@@ -39,7 +39,6 @@ from ..hub import is_seq2seq, load_model
 from ..io.files import atomic_write_text
 from ..model import get_peft_model
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
-from ..presets import build_config, get_preset
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
@@ -78,8 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say = print if main else (lambda *a, **k: None)
 
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
-    preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
-    lr = cfg.lr if cfg.lr is not None else preset.default_lr
+    preset, peft_config, lr = cfg.preset(), cfg.method_config(), cfg.peak_lr
     train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
