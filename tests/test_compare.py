@@ -14,6 +14,7 @@ from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build
 from peftkit.experiments import worker as worker_module
 from peftkit.experiments.runner import _execute, entry_spec, file_identity
 from peftkit.registry import get_preset
+from peftkit.train import TrainConfig
 from peftkit.train import loop as loop_module
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -35,8 +36,8 @@ def settings(work, output, cls=CompareConfig, **kw):
     """A few steps and rows on the tiny Llama, in this process (isolate=False keeps the tests fast)."""
     base = dict(model=work["llama"], train_data=work["train"], eval_data=work["eval"], output=str(output), max_steps=4,
                 batch_size=4, eval_limit=6, max_new_tokens=6, eval_batch_size=4, latency_rows=2, example_rows=2,
-                precision="fp32", isolate=False, log_every=2, format=PromptFormat(max_source_tokens=48))
-    return cls(**{**base, **kw})
+                precision="fp32", isolate=False, log_every=2, **{"format.max_source_tokens": 48})
+    return build_experiment_config(cls, **{**base, **kw})
 
 
 def report_of(output) -> dict:
@@ -277,7 +278,7 @@ def test_bad_settings_are_refused(kw, message):
         if options:
             build_experiment_config(CompareConfig, None, None, **base, **options)
         else:
-            CompareConfig(**{**base, **rest})
+            build_experiment_config(CompareConfig, **{**base, **rest})
 
 
 def test_missing_data_or_output_is_refused():
@@ -294,7 +295,7 @@ def test_per_method_settings_from_yaml_and_the_command_line(tmp_path):
     lora, prompt = cfg.entries()[1:]
     assert (lora.options["r"], lora.lr, lora.options["target_modules"]) == (16, 5e-4, ["q_proj", "v_proj"])
     assert prompt.options["num_virtual_tokens"] == 8 and prompt.lr == get_preset("prompt_tuning").default_lr
-    assert cfg.max_steps == 30 and cfg.eval_limit == 10
+    assert cfg.training.max_steps == 30 and cfg.eval_limit == 10
     # On the command line a list value keeps its commas.
     cfg = CompareConfig(methods=["lora"], per_method=["lora.target_modules=q_proj", "k_proj", "lora.r=2"])
     assert cfg.entries()[0].options == {"target_modules": ["q_proj", "k_proj"], "r": 2}
@@ -328,3 +329,18 @@ def test_peak_memory_is_the_runs_own(tmp_path):
     loop_module.reset_peak_memory()
     after = loop_module.peak_memory(torch.device("cpu"))["peak_rss_mb"]
     assert after < before - 32  # the 64 MB peak is forgotten after the reset
+
+
+def test_a_comparison_shares_peftkit_trains_settings(tmp_path):
+    """The training section is a TrainConfig: every entry's config is it plus the entry's data, method and lr."""
+    yaml_file = tmp_path / "cmp.yaml"
+    yaml_file.write_text("methods: [lora, ia3]\nmax_steps: 7\nformat: {max_source_tokens: 99}\ntraining: {seed: 3}\n")
+    cfg = build_experiment_config(CompareConfig, str(yaml_file), ["target_only_logits=false"], train_data="t", eval_data="e",
+                                  output="o", r="4")
+    lora = cfg.train_config(cfg.entries()[0], "out/lora")
+    assert lora == TrainConfig(model=cfg.training.model, data="t", output="out/lora", method="lora", method_options={"r": 4},
+                               max_steps=7, seed=3, target_only_logits=False, lr=get_preset("lora").default_lr,
+                               format=PromptFormat(max_source_tokens=99))
+    assert cfg.eval_config("x").format.max_source_tokens == 99  # evaluation reads the prompt training used
+    with pytest.raises(ValueError, match="training.eval_data cannot be set in a comparison"):
+        build_experiment_config(CompareConfig, sets=["training.eval_data=x.jsonl"])

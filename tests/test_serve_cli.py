@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -12,13 +13,21 @@ import pytest
 from serve_utils import Offline, make_model_dir
 
 from peftkit.cli import build_parser, main
-from peftkit.commands.serve import parse_adapters
+from peftkit.commands.serve import config_from, parse_adapters
+from peftkit.serve.config import ServeConfig
 
 
 def test_help_and_defaults():
     parser = build_parser()
-    args = parser.parse_args(["serve", "--model", "m", "--adapter", "a=x", "--adapter", "b=y"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.adapter == ["a=x", "b=y"]
+    args = parser.parse_args(["serve", "--model", "m", "--adapter", "a=x", "--adapter", "b=y", "--max-queue", "9"])
+    assert args.adapter == ["a=x", "b=y"]
+    # The flags are ServeConfig's fields: unset ones keep its defaults, set ones are typed.
+    with pytest.raises(FileNotFoundError, match="Adapter 'a': x has no adapter_config.json"):
+        config_from(args)
+    args = parser.parse_args(["serve", "--model", "m", "--max-queue", "9", "--dtype", "bfloat16"])
+    assert config_from(args) == ServeConfig(model="m", max_queue=9, dtype="bfloat16", api_key=os.environ.get("PEFTKIT_API_KEY"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model", "m", "--port", "http"])
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]
     text = serve_parser.format_help()
     for option in ("--model", "--adapter NAME=DIR", "--host", "--port", "--api-key", "--max-batch-size", "--adapter-root"):

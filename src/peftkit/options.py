@@ -32,8 +32,8 @@ def locate(config: Any, key: str) -> tuple[Any, str]:
     """``(dataclass instance, field name)`` that ``key`` names inside ``config`` (flat or dotted)."""
     if "." in key:
         head, rest = key.split(".", 1)
-        inner = getattr(config, head, None)
-        if not dataclasses.is_dataclass(inner):
+        inner = section(config, head)
+        if inner is None:
             raise ValueError(f"Unknown setting {key!r}: {head!r} is not a section of {type(config).__name__}.")
         return locate(inner, rest)
     names = {f.name for f in dataclasses.fields(config)}
@@ -44,6 +44,19 @@ def locate(config: Any, key: str) -> tuple[Any, str]:
         if dataclasses.is_dataclass(inner) and key in {g.name for g in dataclasses.fields(inner)}:
             return inner, key
     raise ValueError(f"Unknown setting {key!r}; known settings: {', '.join(sorted(known_keys(config)))}.")
+
+
+def section(config: Any, name: str) -> Any:
+    """The nested dataclass ``name`` of ``config``, or of one of its sections (a comparison's ``format`` is
+    ``training.format``); None if there is none."""
+    inner = getattr(config, name, None)
+    if dataclasses.is_dataclass(inner):
+        return inner
+    for f in dataclasses.fields(config):
+        outer = getattr(config, f.name)
+        if dataclasses.is_dataclass(outer) and dataclasses.is_dataclass(getattr(outer, name, None)):
+            return getattr(outer, name)
+    return None
 
 
 def known_keys(config: Any) -> list[str]:
@@ -153,9 +166,9 @@ def _flatten(config: Any, data: dict[str, Any], prefix: str = "") -> dict[str, A
     (nested dataclasses) of ``config``; other values are kept as they are."""
     out = {}
     for key, value in data.items():
-        section = getattr(config, str(key), None)
-        if isinstance(value, dict) and dataclasses.is_dataclass(section):
-            out.update(_flatten(section, value, f"{prefix}{key}."))
+        inner = section(config, str(key))
+        if isinstance(value, dict) and inner is not None:
+            out.update(_flatten(inner, value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any, Literal, get_args, get_origin
 
 from ..options import coerce, field_help, field_types
@@ -18,12 +19,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
                          choices: dict[str, list[str]] | None = None, extra_help: dict[str, str] | None = None,
                          metavars: dict[str, str] | None = None) -> list[str]:
     """Add ``--field-name`` for each field of ``cls`` (nested dataclasses get their own group); returns the dests."""
-    defaults = cls()
     helps, types = field_help(cls), field_types(cls)
     group = parser.add_argument_group(title) if title else parser
     dests: list[str] = []
     for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if f.name in skip:
             continue
         if f.name == "method_options":
@@ -31,17 +31,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
             continue
         if dataclasses.is_dataclass(value):
             sub_title = f"{f.name.replace('_', ' ')} ({helps.get(f.name, '').rstrip('.')})"
-            dests += add_config_arguments(parser, type(value), skip, sub_title, choices, extra_help, metavars)
+            inner_skip = set(skip) | set(getattr(cls, "PER_ENTRY", ()))  # set by each entry, not by a flag
+            dests += add_config_arguments(parser, type(value), inner_skip, sub_title, choices, extra_help, metavars)
             continue
         annotation = types[f.name]
         text = helps.get(f.name, "") + (extra_help or {}).get(f.name, "")
-        text = f"{text} (default: {_show(value)})".replace("%", "%%")
+        required = value is dataclasses.MISSING  # a field without a default: a flag without one
+        text = (text if required else f"{text} (default: {_show(value)})").replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if annotation is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             options = (choices or {}).get(f.name) or (list(get_args(annotation)) if get_origin(annotation) is Literal else None)
-            group.add_argument(flag, dest=f.name, default=None, type=_parser(annotation, f.name), choices=options,
+            group.add_argument(flag, dest=f.name, default=None, type=_parser(annotation, f.name), choices=options, required=required,
                                metavar=(metavars or {}).get(f.name) or _metavar(annotation, f.name), help=text)
         dests.append(f.name)
     return dests
@@ -72,12 +74,13 @@ def add_method_arguments(parser: argparse.ArgumentParser, skip: set[str] = froze
         if kinds == {"<class 'bool'>"}:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(flag, dest=dest, default=None, metavar=_metavar(users[0].option_types()[option], option),
-                               help=text)
+            annotation = users[0].option_types()[option]
+            metavar = _metavar(annotation, option) or "{" + ",".join(map(str, get_args(annotation))) + "}"
+            group.add_argument(flag, dest=dest, default=None, metavar=metavar, help=text)
         dests.append(dest)
     legacy = sorted({old for preset in presets().values() for old in preset.legacy} - set(by_option) - set(skip))
     for old in legacy:
-        group.add_argument("--" + old.replace("_", "-"), dest=f"method_options.{old}", default=None,
+        group.add_argument("--" + old.replace("_", "-"), dest=f"method_options.{old}", default=None, metavar=old.upper(),
                            help="deprecated (read for one more release): see the warning it prints for the new name")
         dests.append(f"method_options.{old}")
     return dests
@@ -109,6 +112,12 @@ def _metavar(annotation: Any, name: str) -> str | None:
     if get_origin(annotation) is Literal:
         return None
     text = str(annotation)
+    if "dict[" in text:
+        return "{NAME: VALUE}"
+    if "Literal[" in text:  # a Literal inside a union: list the choices
+        return "{" + ",".join(re.findall(r"'([^']*)'", text) + (["true", "false"] if "bool" in text else [])) + "}"
+    if "bool" in text:
+        return "true|false"
     if "list[int]" in text:
         return "N,N,..."
     if "list[str]" in text:

@@ -16,35 +16,35 @@ import argparse
 import os
 from pathlib import Path
 
+from ._args import add_config_arguments, flags_from
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..serve.config import ServeConfig
+
     p = sub.add_parser(
         "serve",
         help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="base model: a local Hugging Face model directory (config, tokenizer, weights)")
+    # One flag per ServeConfig field, described by its docstring; only the adapters take a friendlier form.
+    dests = add_config_arguments(p, ServeConfig, skip={"adapters"}, extra_help={"api_key": " Unset: $PEFTKIT_API_KEY."},
+                                 metavars={"api_key": "KEY", "adapter_root": "DIR", "served_model_name": "NAME"})
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter to serve as model NAME (repeatable); DIR holds adapter_config.json + adapter_model.safetensors. "
                         "A bare DIR is served under its folder name")
-    p.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the bare base model (default: the model folder's name)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for any free one (default: %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PEFTKIT_API_KEY, else no key)")
-    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
-                   help="most requests decoded together in one forward pass (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="most requests waiting for a slot; more get HTTP 429 (default: %(default)s)")
-    p.add_argument("--adapter-root", metavar="DIR",
-                   help="allow POST /v1/load_lora_adapter for adapters under DIR (default: loading at run time is off)")
-    p.add_argument("--max-model-len", type=int, metavar="N", help="longest prompt + completion in tokens (default: the model's limit)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype; auto = float32 on CPU, the checkpoint's dtype on GPU (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _dests=dests)
+
+
+def config_from(args: argparse.Namespace):
+    """The :class:`ServeConfig` the command line describes (unset flags keep the config's defaults)."""
+    from ..serve.config import ServeConfig
+
+    flags = flags_from(args, args._dests)
+    flags.setdefault("api_key", os.environ.get("PEFTKIT_API_KEY"))
+    return ServeConfig(adapters=parse_adapters(args.adapter), **flags)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -67,20 +67,4 @@ def run(args: argparse.Namespace) -> int:
         from ..serve.app import serve
     except ImportError as e:
         raise ValueError(f"peftkit serve needs the 'serve' extra ({e.name} is missing): pip install 'peftkit[serve]'") from None
-    from ..serve.config import ServeConfig
-
-    config = ServeConfig(
-        model=args.model,
-        adapters=parse_adapters(args.adapter),
-        served_model_name=args.served_model_name,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        adapter_root=args.adapter_root,
-        max_model_len=args.max_model_len,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    return serve(config, log_level=args.log_level)
+    return serve(config_from(args), log_level=args.log_level)

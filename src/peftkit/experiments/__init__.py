@@ -1,8 +1,9 @@
 """Experiments: methods compared on one task (``peftkit compare``) and rank sweeps (``peftkit sweep``).
 
     from peftkit.experiments import CompareConfig, run_experiment
+    from peftkit.train import TrainConfig
     report = run_experiment(CompareConfig(train_data="train.jsonl", eval_data="test.jsonl", output="runs/cmp",
-                                          methods=["baseline", "full", "lora"], max_steps=100))
+                                          methods=["baseline", "full", "lora"], training=TrainConfig(max_steps=100)))
 
 Every entry is trained with ``peftkit.train.train`` and scored with ``peftkit.evaluate.evaluate`` under
 the same budget and settings, in ``OUTPUT/runs/<entry>/``; ``OUTPUT/report.json`` holds one object per

@@ -1,6 +1,7 @@
 """Typed settings of a method comparison (``peftkit compare``) and a rank sweep (``peftkit sweep``).
 
-Both are one :class:`ExperimentConfig` (model, data, the shared training budget, the shared evaluation)
+Both are one :class:`ExperimentConfig` (data, the training settings of ``peftkit train`` that every entry shares,
+the shared evaluation)
 plus the list of entries to run: :meth:`CompareConfig.entries` turns ``--methods`` into one entry per
 method, :meth:`SweepConfig.entries` one per rank (and target-module set). Every entry is trained on the
 same rows with the same steps, batch and seed, and evaluated on the same rows with the same generation
@@ -12,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from ..data import PromptFormat
 from ..evaluate import EvalConfig, GenerationSettings
-from ..hub import DEFAULT_MODEL
 from ..options import build, coerce, field_types, read_yaml
 from ..registry import get_preset, presets
 from ..train import TrainConfig
@@ -48,35 +47,18 @@ class Entry:
 
 @dataclass
 class ExperimentConfig:
-    """Settings every entry of a comparison shares.
+    """Settings every entry of a comparison shares: the training settings of ``peftkit train`` (one
+    :class:`~peftkit.train.TrainConfig`, less what differs per entry) and the evaluation.
 
     Args:
-        model: Base model: a local Hugging Face directory, a hub id (online) or a catalogue name.
         train_data: Training rows (.jsonl/.json/.csv); every trained entry sees the same ones.
         eval_data: Rows to generate and score with ROUGE; every entry is scored on the same ones.
         output: Directory for report.json, report.md, the plots and one sub-folder per entry (runs/NAME).
             Running again with the same output reuses every entry that finished with the same settings.
         method_options: Method options shared by the entries, by peft's field names (``r``, ``target_modules``,
             ...); each method reads the ones it takes, and setting one that no entry takes is an error.
-        format: Input/target fields, prompt template and truncation, for training and evaluation alike.
-        epochs: Passes over the training rows (fractions allowed); ignored when max_steps is set.
-        max_steps: Optimizer steps per trained entry (the training budget); overrides epochs.
-        limit: Use only the first N training rows.
-        batch_size: Training examples per step (per process). Every entry uses the same.
-        grad_accum: Micro-batches per optimizer step (a larger effective batch without more memory).
-        lr: One learning rate for every entry; None uses each method's own default (full fine-tuning
-            ~2e-5, LoRA 2e-4, soft prompts 1e-2 or more: see peftkit train --help). Per entry: per_method.
-        warmup: Fraction of the steps with a linear learning-rate warmup.
-        schedule: Learning-rate decay after warmup.
-        weight_decay: AdamW's decoupled weight decay.
-        max_grad_norm: Gradient clipping norm (0: off).
-        precision: bf16 autocast where the hardware runs it fast (auto), or fp32; for training and
-            generation alike.
-        gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
-        seed: Data order and initialisation; the same for every entry.
-        log_every: Steps between lines of each entry's train_log.jsonl.
-        save_every: Checkpoint every N steps, so an interrupted entry resumes mid-training (None: an
-            interrupted entry restarts; finished entries are reused either way).
+        training: The training settings of ``peftkit train`` that every entry shares (model, format, budget,
+            optimizer, precision, seed, ...). ``lr`` None gives each method its own default; per entry: per_method.
         eval_limit: Score only the first N rows of eval_data.
         max_new_tokens: Longest generated prediction, in tokens.
         num_beams: 1 is greedy decoding; more is beam search.
@@ -87,30 +69,18 @@ class ExperimentConfig:
         threads: PyTorch CPU threads per entry (None: PyTorch's default). On a busy machine 1 can be faster.
         isolate: Run each entry in its own Python process: its peak memory is its own, and a crash (out of
             memory, a killed process) fails that entry only. Off: faster start, one process.
-        cpu: Stay on the CPU even when a GPU is present.
     """
 
-    model: str = DEFAULT_MODEL
+    # TrainConfig fields each entry sets itself (data, folder, method) or that a comparison does not use
+    # (the held-out loss during training, resuming by hand): not settable in the training section.
+    PER_ENTRY: ClassVar[tuple[str, ...]] = ("data", "output", "method", "method_options", "eval_data", "eval_every",
+                                            "eval_limit", "resume")
+
     train_data: str = ""
     eval_data: str = ""
     output: str = ""
     method_options: dict[str, Any] = field(default_factory=dict)
-    format: PromptFormat = field(default_factory=PromptFormat)
-    epochs: float = 1.0
-    max_steps: int | None = None
-    limit: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None
-    warmup: float = 0.05
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    log_every: int = 10
-    save_every: int | None = None
+    training: TrainConfig = field(default_factory=TrainConfig)
     eval_limit: int | None = None
     max_new_tokens: int = 128
     num_beams: int = 1
@@ -119,7 +89,6 @@ class ExperimentConfig:
     example_rows: int = 3
     threads: int | None = None
     isolate: bool = True
-    cpu: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latency_rows", "example_rows"):
@@ -128,9 +97,17 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}.")
-        # The training and evaluation settings validate themselves (one place for each rule).
-        self.train_config(Entry("check", "lora", lr=self.lr), "check")
+        blank = TrainConfig()
+        for name in self.PER_ENTRY:
+            if getattr(self.training, name) != getattr(blank, name):
+                raise ValueError(f"training.{name} cannot be set in a comparison: each entry sets its own "
+                                 "(--train-data, --eval-data and --output are the comparison's; methods in --methods).")
+        # The evaluation settings validate themselves (one place for each rule); training's already did.
         self.eval_config("check")
+
+    @property
+    def model(self) -> str:
+        return self.training.model
 
     def check_required(self) -> None:
         needed = [("--eval-data", self.eval_data), ("--output", self.output)]
@@ -146,22 +123,18 @@ class ExperimentConfig:
 
     # --- what each entry runs: the existing training and evaluation configs ---------------------------
     def train_config(self, entry: Entry, output: str) -> TrainConfig:
-        return TrainConfig(
-            model=self.model, data=self.train_data, output=output, method=entry.method, method_options=entry.options,
-            format=self.format, epochs=self.epochs, max_steps=self.max_steps, limit=self.limit, batch_size=self.batch_size,
-            grad_accum=self.grad_accum, lr=entry.lr, weight_decay=self.weight_decay, warmup=self.warmup,
-            schedule=self.schedule, max_grad_norm=self.max_grad_norm, precision=self.precision,
-            gradient_checkpointing=self.gradient_checkpointing, seed=self.seed, log_every=self.log_every,
-            save_every=self.save_every, cpu=self.cpu,
-        )
+        """The shared training settings plus what this entry sets: data, folder, method, options, learning rate."""
+        return dataclasses.replace(self.training, data=self.train_data, output=output, method=entry.method,
+                                   method_options=entry.options, lr=entry.lr)
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                                  batch_size=self.eval_batch_size, precision=self.precision)
+                                  batch_size=self.eval_batch_size, precision=self.training.precision)
 
     def eval_config(self, output: str, model: str | None = None, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
-                          limit=self.eval_limit, format=self.format, generation=self.generation(), cpu=self.cpu)
+                          limit=self.eval_limit, format=self.training.format, generation=self.generation(),
+                          cpu=self.training.cpu)
 
     def _entry(self, name: str, method: str, options: dict[str, Any] | None = None, lr: float | None = None) -> Entry:
         """An entry for ``method``: the shared options it takes, and ``lr`` or the shared or method's default."""
@@ -171,7 +144,8 @@ class ExperimentConfig:
         shared = options if options is not None else self.method_options
         takes = {*preset.options(), *preset.legacy}
         own = preset.read({k: v for k, v in shared.items() if k in takes})
-        return Entry(name, method, own, lr if lr is not None else self.lr if self.lr is not None else preset.default_lr)
+        shared_lr = self.training.lr
+        return Entry(name, method, own, lr if lr is not None else shared_lr if shared_lr is not None else preset.default_lr)
 
     def _check_options_used(self, entries: list[Entry]) -> None:
         used = set()

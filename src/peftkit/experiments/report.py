@@ -90,7 +90,7 @@ def examples(cfg: ExperimentConfig, methods: list[dict[str, Any]]) -> list[dict[
     """The first ``example_rows`` evaluation rows with every finished entry's prediction."""
     if cfg.example_rows == 0:
         return []
-    rows = read_examples(cfg.eval_data, cfg.format.input_field, cfg.format.target_field, limit=cfg.example_rows)
+    rows = read_examples(cfg.eval_data, cfg.training.format.input_field, cfg.training.format.target_field, limit=cfg.example_rows)
     out = [{"row": e.row, "input": e.source, "references": e.references, "predictions": {}} for e in rows]
     for m in methods:
         path = Path(cfg.output) / m["run_dir"] / "eval" / "predictions.jsonl"

@@ -43,10 +43,11 @@ def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, An
     data = {"eval": file_identity(cfg.eval_data)}
     if any(e.trains for e in entries):
         data["train"] = file_identity(cfg.train_data)
-    steps = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epoch(s)"
+    budget = cfg.training
+    steps = f"{budget.max_steps} steps" if budget.max_steps else f"{budget.epochs:g} epoch(s)"
     rows = f"the first {cfg.eval_limit} rows" if cfg.eval_limit else "all rows"
     _say(f"{len(entries)} entries ({', '.join(e.name for e in entries)}) -> {output}/; training budget {steps} x "
-         f"{cfg.batch_size * cfg.grad_accum} examples each; scoring {rows} of {cfg.eval_data}")
+         f"{budget.batch_size * budget.grad_accum} examples each; scoring {rows} of {cfg.eval_data}")
 
     results: list[dict[str, Any]] = []
     took: dict[str, tuple[float, bool]] = {}  # entry name -> (seconds, trained) for the entries run here
