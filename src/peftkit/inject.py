@@ -9,7 +9,7 @@ layer-level method. Parameter paths therefore look like ``peft``'s:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -219,15 +219,33 @@ def find_targets(
     return found
 
 
-def describe_modules(model: nn.Module, supported: tuple[type[nn.Module], ...]) -> str:
-    """A short list of targetable module names: distinct last components with their types."""
+def describe_modules(model: nn.Module, supported: tuple[type[nn.Module], ...], holding: bool = False, limit: int = 30) -> str:
+    """A short list of targetable module names (distinct last components with their types), for error
+    messages: modules of the ``supported`` types, or with ``holding`` every named block that contains one
+    (bottleneck adapters target blocks, not layers)."""
     seen: dict[str, str] = {}
     for name, module in named_base_modules(model):
-        if isinstance(module, supported):
-            seen.setdefault(name.rsplit(".", 1)[-1], type(module).__name__)
+        last = name.rsplit(".", 1)[-1]
+        if holding:
+            if not last.isdigit() and any(isinstance(m, supported) for m in module.modules()):
+                seen.setdefault(last, type(module).__name__)
+        elif isinstance(module, supported):
+            seen.setdefault(last, type(module).__name__)
     if not seen:
         return "(none of the supported types)"
-    return ", ".join(f"{k} ({v})" for k, v in seen.items())
+    items = [f"{k} ({v})" for k, v in seen.items()]
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def module_names(value: Any, field_name: str, regex_ok: bool = True, allow_empty: bool = True) -> Any:
+    """A config's module-name setting, checked: None, a regex string (if ``regex_ok``), or a list of names
+    (a set becomes a sorted list). ``field_name`` names the setting in the error (``"LoraConfig: target_modules"``)."""
+    if value is None or (regex_ok and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value) and (value or allow_empty):
+        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
+    kinds = f"a{'' if allow_empty else ' non-empty'} list of module names{', a regex string' if regex_ok else ''} or None"
+    raise ValueError(f"{field_name} must be {kinds}, got {value!r}.")
 
 
 def freeze(model: nn.Module) -> None:
@@ -241,5 +259,3 @@ def check_adapter_name(name: str) -> None:
             f"Adapter name {name!r} is not usable: use letters, digits, '_' or '-' (not {BASE!r} or a ModuleDict attribute)."
         )
 
-
-LayerFactory = Callable[[nn.Module, str], nn.Module]

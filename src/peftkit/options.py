@@ -36,14 +36,22 @@ def locate(config: Any, key: str) -> tuple[Any, str]:
         if inner is None:
             raise ValueError(f"Unknown setting {key!r}: {head!r} is not a section of {type(config).__name__}.")
         return locate(inner, rest)
+    found = _find(config, key)
+    if found is None:
+        raise ValueError(f"Unknown setting {key!r}; known settings: {', '.join(sorted(set(known_keys(config))))}.")
+    return found
+
+
+def _find(config: Any, key: str) -> tuple[Any, str] | None:
+    """The field ``key`` of ``config`` itself, else of its sections (nested dataclasses), searched in order."""
     names = {f.name for f in dataclasses.fields(config)}
     if key in names and not dataclasses.is_dataclass(getattr(config, key)):
         return config, key
     for f in dataclasses.fields(config):
         inner = getattr(config, f.name)
-        if dataclasses.is_dataclass(inner) and key in {g.name for g in dataclasses.fields(inner)}:
-            return inner, key
-    raise ValueError(f"Unknown setting {key!r}; known settings: {', '.join(sorted(known_keys(config)))}.")
+        if dataclasses.is_dataclass(inner) and (found := _find(inner, key)) is not None:
+            return found
+    return None
 
 
 def section(config: Any, name: str) -> Any:
@@ -144,6 +152,21 @@ def _union_order(args: tuple, value: Any) -> list[Any]:
 def set_value(config: Any, key: str, value: Any) -> None:
     target, name = locate(config, key)
     setattr(target, name, coerce(value, field_types(type(target))[name], key))
+
+
+def setting_changes(before: dict[str, Any], now: dict[str, Any], ignore: set[str] = frozenset()) -> list[str]:
+    """``["format.max_source_tokens: 768 -> 300", ...]``: the (nested) settings that differ between two
+    ``dataclasses.asdict`` dicts, except those whose last name is in ``ignore``."""
+    a, b = _flat_dict(before), _flat_dict(now)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if k.split(".")[-1] not in ignore and a.get(k) != b.get(k)]
+
+
+def _flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def read_yaml(path: str) -> dict[str, Any]:

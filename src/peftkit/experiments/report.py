@@ -69,7 +69,7 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "wall_time_s": wall_time_s,
         "entries_wall_time_s": sum(r.get("entry_wall_time_s") or 0 for r in results),
-        "settings": {**dataclasses.asdict(cfg), "entries": [e.name for e in entries]},
+        "settings": settings(cfg, entries),
         "methods": methods,
         "conclusion": conclusion(methods),
         "examples": examples(cfg, methods),
@@ -84,6 +84,13 @@ def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[
         row[f"{k}_delta"] = result[k] - baseline[k] if ok else None
     row["run_dir"] = f"runs/{result['name']}"
     return row
+
+
+def settings(cfg: ExperimentConfig, entries: list[Entry]) -> dict[str, Any]:
+    """The comparison's settings as one flat mapping: the shared training settings, then its own."""
+    own = dataclasses.asdict(cfg)
+    training = {k: v for k, v in own.pop("training").items() if k not in cfg.PER_ENTRY}
+    return {**training, **own, "entries": [e.name for e in entries]}
 
 
 def examples(cfg: ExperimentConfig, methods: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.files import atomic_write_text
+from ..options import setting_changes
 from .config import Entry, ExperimentConfig
 from .report import build_report, write_report
 from .worker import RESULT, SPEC, failed_result, run_entry
@@ -123,8 +124,7 @@ def file_identity(path: str) -> dict[str, Any]:
 
 def fingerprint_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``["train.lr: 0.0002 -> 0.0005", ...]``: the settings that differ."""
-    a, b = _flat(before), _flat(now)
-    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return setting_changes(before, now)
 
 
 def _previous(run_dir: Path, fingerprint: dict[str, Any]) -> str:
@@ -171,13 +171,6 @@ def _eta(remaining: list[Entry], took: dict[str, tuple[float, bool]]) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _say(message: str) -> None:

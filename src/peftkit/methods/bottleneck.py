@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import LINEAR_TYPES, Conv1D, get_submodule, model_type, name_matches, named_base_modules
+from ..inject import LINEAR_TYPES, Conv1D, describe_modules, get_submodule, model_type, module_names, name_matches, named_base_modules
 from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner
 
@@ -144,21 +144,13 @@ class BottleneckConfig(PeftConfig):
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not self.scaling > 0:
             raise ValueError(f"BottleneckConfig: scaling must be a positive number, got {self.scaling!r}.")
         for name in ("target_modules", "parallel_input_modules", "exclude_modules", "modules_to_save"):
-            setattr(self, name, _module_names(getattr(self, name), name, regex_ok=name != "modules_to_save"))
+            setattr(self, name, module_names(getattr(self, name), f"BottleneckConfig: {name}", regex_ok=name != "modules_to_save",
+                                              allow_empty=False))
         if self.parallel_input_modules is not None and self.placement != "parallel":
             raise ValueError(
                 f"BottleneckConfig: parallel_input_modules is only used with placement='parallel' "
                 f"(placement is {self.placement!r}); remove it or change the placement."
             )
-
-
-def _module_names(value, field_name: str, regex_ok: bool = True):
-    if value is None or (regex_ok and isinstance(value, str)):
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    kinds = "a non-empty list of module names, a regex string or None" if regex_ok else "a non-empty list of module names or None"
-    raise ValueError(f"BottleneckConfig: {field_name} must be {kinds}, got {value!r}.")
 
 
 def _features(module: nn.Module, path: str) -> tuple[int, int]:
@@ -265,7 +257,7 @@ class BottleneckTuner(LayerTuner):
                 f"{self.config.placement!r} (defaults exist for {', '.join(sorted(table))}). Set target_modules "
                 "to the modules the adapters follow: the feed-forward blocks (like Llama's 'mlp' or T5's "
                 "'DenseReluDense'), and for 'houlsby' the self-attention output projections too (like 'o_proj'). "
-                f"Modules of this model that hold Linear layers: {_describe(self.model)}"
+                f"Modules of this model that hold Linear layers: {describe_modules(self.model, LINEAR_TYPES, holding=True)}"
             )
         return table[kind]
 
@@ -320,7 +312,7 @@ def _pair_with_inputs(model: nn.Module, targets: list[str], inputs) -> dict[str,
     if not candidates:
         raise ValueError(
             f"BottleneckConfig: parallel_input_modules={inputs!r} matches no module of {type(model).__name__}. "
-            f"Modules that hold Linear layers: {_describe(model)}"
+            f"Modules that hold Linear layers: {describe_modules(model, LINEAR_TYPES, holding=True)}"
         )
 
     def shared(a: str, b: str) -> int:
@@ -350,16 +342,6 @@ def _pair_with_inputs(model: nn.Module, targets: list[str], inputs) -> dict[str,
             "each parallel adapter needs an input module of its own."
         )
     return pairs
-
-
-def _describe(model: nn.Module, limit: int = 30) -> str:
-    """Distinct module names (last path component, with type) that hold a Linear layer."""
-    seen: dict[str, str] = {}
-    for name, module in named_base_modules(model):
-        if not name.rsplit(".", 1)[-1].isdigit() and any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
-            seen.setdefault(name.rsplit(".", 1)[-1], type(module).__name__)
-    items = [f"{k} ({v})" for k, v in seen.items()]
-    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "") if items else "(none)"
 
 
 register(BottleneckConfig, BottleneckTuner,

@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import Conv1D, get_submodule, hosts, model_type, name_matches
+from ..inject import Conv1D, get_submodule, hosts, model_type, module_names, name_matches
 from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner
-from .lora import _names
 
 # Keys, values and the feed-forward output projection per architecture; the same tables as ``peft``
 # (``TRANSFORMERS_MODELS_TO_IA3_*``) so a default peftkit adapter and a default peft adapter agree.
@@ -89,11 +88,11 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.target_modules = _names(self.target_modules, "IA3Config: target_modules")
-        self.feedforward_modules = _names(self.feedforward_modules, "IA3Config: feedforward_modules")
-        self.exclude_modules = _names(self.exclude_modules, "IA3Config: exclude_modules")
+        self.target_modules = module_names(self.target_modules, "IA3Config: target_modules")
+        self.feedforward_modules = module_names(self.feedforward_modules, "IA3Config: feedforward_modules")
+        self.exclude_modules = module_names(self.exclude_modules, "IA3Config: exclude_modules")
         if self.modules_to_save is not None:
-            self.modules_to_save = _names(list(self.modules_to_save), "IA3Config: modules_to_save")
+            self.modules_to_save = module_names(list(self.modules_to_save), "IA3Config: modules_to_save")
         if self.fan_in_fan_out not in (None, True, False):
             raise ValueError(f"IA3Config: fan_in_fan_out must be True, False or None (decide per layer), got {self.fan_in_fan_out!r}.")
         if self.init_ia3_weights not in (True, False):

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import Conv1D, get_submodule
+from ..inject import Conv1D, get_submodule, module_names
 from ..io.keys import HF_PREFIX
 from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner, ModuleCopy
 
-# Attention query and value projections per architecture: the seed's finding is that adapting the
-# self-attention layers is enough, and q/v is the original paper's choice.
+# Attention query and value projections per architecture: the LoRA paper (Hu et al., 2021, section 7.1) finds
+# adapting the self-attention layers enough, and q/v is its choice.
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5")},
     **{
@@ -113,10 +113,10 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}.")
         if self.fan_in_fan_out not in (None, True, False):
             raise ValueError(f"LoraConfig: fan_in_fan_out must be True, False or None (decide per layer), got {self.fan_in_fan_out!r}.")
-        self.target_modules = _names(self.target_modules, "target_modules")
-        self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+        self.target_modules = module_names(self.target_modules, "LoraConfig: target_modules")
+        self.exclude_modules = module_names(self.exclude_modules, "LoraConfig: exclude_modules")
         if self.modules_to_save is not None:
-            self.modules_to_save = _names(list(self.modules_to_save), "modules_to_save")
+            self.modules_to_save = module_names(list(self.modules_to_save), "LoraConfig: modules_to_save")
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}.")
@@ -126,15 +126,6 @@ class LoraConfig(PeftConfig):
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         return (_lookup(self.rank_pattern, module_path, self.r), _lookup(self.alpha_pattern, module_path, self.lora_alpha))
-
-
-def _names(value, field_name: str):
-    """Normalise a module-name spec: None, a regex string, or a sorted list of names."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
-    raise ValueError(f"{field_name} must be a list of module names, a regex string or None, got {value!r}.")
 
 
 def _lookup(patterns: dict, module_path: str, default):

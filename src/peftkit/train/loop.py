@@ -38,6 +38,7 @@ from ..data import (
 from ..hub import is_seq2seq, load_model
 from ..io.files import atomic_write_text
 from ..model import get_peft_model
+from ..options import setting_changes
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -321,22 +322,13 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
 
 
 def _check_same_run(state: dict[str, Any], cfg: TrainConfig, world: int, checkpoint: Path) -> None:
-    before, now = _flat(state["config"]), _flat(dataclasses.asdict(cfg))
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if k.split(".")[-1] not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    changed = setting_changes(state["config"], dataclasses.asdict(cfg), ignore=RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"--resume: {checkpoint} was written with different settings ({'; '.join(changed)}); "
                          "resume with the original settings or start a new --output.")
     if state["world_size"] != world:
         raise ValueError(f"--resume: {checkpoint} was written by {state['world_size']} process(es), this run has {world}; "
                          "resume with the same number of processes.")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _diverged_message(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, scheduler, output: Path) -> str:
