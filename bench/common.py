@@ -164,15 +164,13 @@ def load_base(name: str = "smollm2-135m-instruct"):
     """``(load, tokenizer, path)`` for a catalogue name or model directory: ``load()`` returns a fresh fp32
     copy of the model in eval mode (on the CPU)."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peftkit.hub import resolve_model
+    from peftkit.hub import load_model, load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     path = resolve_model(name)
-    return (lambda: AutoModelForCausalLM.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path), path
+    return (lambda: load_model(path)[0]), load_tokenizer(path), path
 
 
 def left_padded_prompts(rows: int, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -153,7 +153,8 @@ def test_bf16_generation_stays_close_to_fp32(tmp_path):
 
 
 def test_generation_with_a_soft_prompt_that_passes_embeddings(tmp_path):
-    """Soft prompts reach `generate` as embeddings, which then returns only the new tokens."""
+    """A soft prompt that reaches `generate` as embeddings only: PeftModel.generate still returns the prompt
+    before the new tokens, as for any causal LM, so predictions are the new tokens alone."""
     tok = tiny.tokenizer()
     items = _items(tmp_path, tok)
     with tiny.soft_prompt_method() as SoftPromptConfig:
@@ -164,8 +165,8 @@ def test_generation_with_a_soft_prompt_that_passes_embeddings(tmp_path):
             ids = torch.tensor([e.prompt_ids])
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            assert out.shape[1] <= 5  # new tokens only
-            single.append(tok.decode(out[0], skip_special_tokens=True).strip())
+            assert torch.equal(out[:, :ids.shape[1]], ids) and out.shape[1] <= ids.shape[1] + 5
+            single.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert batched == single and any(batched)
 
 

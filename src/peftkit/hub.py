@@ -155,20 +155,33 @@ def is_seq2seq(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+def load_tokenizer(where: str):
+    """The tokenizer of a resolved model directory (or hub id), with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often have no pad token; padding positions are masked out, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(name_or_path: str, dtype: str = "float32"):
     """``(model, tokenizer)`` for ``--model``: causal LMs and encoder-decoder (T5/BART) models alike.
 
-    The model comes back in eval mode, in ``dtype`` (training keeps fp32 weights and uses autocast).
+    The model comes back in eval mode, in ``dtype`` (training keeps fp32 weights and uses autocast;
+    ``"auto"`` keeps the checkpoint's dtype), on the CPU. The one model loader of peftkit (training,
+    evaluation, serving, benchmarks).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     where = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(where)
         model_class = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-        model = model_class.from_pretrained(where, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = model_class.from_pretrained(where, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        tokenizer = load_tokenizer(where)
     except OSError as e:
         if Path(where).is_dir():
             raise
@@ -176,9 +189,6 @@ def load_model(name_or_path: str, dtype: str = "float32"):
             f"--model {name_or_path}: not a local directory or a catalogue name ({', '.join(CATALOGUE)}), "
             f"and the hub could not provide it ({str(e).splitlines()[0]})."
         ) from None
-    if tokenizer.pad_token_id is None:
-        # Causal LMs often have no pad token; padding positions are masked out, so any id works.
-        tokenizer.pad_token = tokenizer.eos_token
     if name_or_path in CATALOGUE:
         # Adapters record their base model; the catalogue name works on any machine, a cache path does not.
         model.config._name_or_path = name_or_path

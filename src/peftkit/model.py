@@ -218,10 +218,21 @@ class PeftModel(nn.Module):
         ``fold_adapter``: with one adapter for all rows, let it precompute what stays fixed during the call
         (LoRA computes ``W + s B A`` once: the speed of a merged model, for one temporary copy of each adapted
         weight, freed on return). ``False`` saves that memory and runs the adapter unmerged.
+
+        Returns what the base model's ``generate`` returns for these inputs, adapter or not: for a causal LM
+        the prompt's ids followed by the new tokens (B, L + T_new), for an encoder-decoder model the decoder's
+        tokens only.
         """
         with self._rows(adapter_names), self._generation(fold_adapter and adapter_names is None):
-            args, kwargs = self._prepare_inputs(self.base_model.generate, args, kwargs, for_generate=True)
-            return self.base_model.generate(*args, **kwargs)
+            named = _keyword_inputs(self.base_model.generate, args, kwargs)[1]
+            ids = named.get("input_ids") if named.get("input_ids") is not None else named.get("inputs")
+            args, prepared = self._prepare_inputs(self.base_model.generate, args, kwargs, for_generate=True)
+            embeds_only = prepared.get("inputs_embeds") is not None and all(prepared.get(k) is None for k in ("input_ids", "inputs"))
+            if ids is not None and embeds_only and not self.base_model.config.is_encoder_decoder:
+                # An adapter that hands generate embeddings only (a soft prompt) would make it return the new
+                # tokens alone; with the ids beside the embeddings it returns the prompt too, as without one.
+                prepared["input_ids"] = ids
+            return self.base_model.generate(*args, **prepared)
 
     def _generation(self, fold: bool) -> contextlib.AbstractContextManager[None]:
         name = self.routing.active

@@ -75,9 +75,7 @@ def generate_predictions(
 
 
 def new_tokens(out: torch.Tensor, prompt: torch.Tensor, seq2seq: bool) -> torch.Tensor:
-    """The generated part of ``generate``'s output (B, T_new). A causal LM returns prompt + new tokens,
-    unless the prompt reached it as embeddings only (soft-prompt methods pass ``inputs_embeds``): then,
-    like an encoder-decoder model, it returns the new tokens alone."""
-    n = prompt.shape[1]
-    starts_with_prompt = not seq2seq and out.shape[1] >= n and torch.equal(out[:, :n], prompt)
-    return out[:, n:] if starts_with_prompt else out
+    """The generated part of ``generate``'s output (B, T_new): a causal LM returns the prompt (B, L) and
+    then the new tokens (:meth:`peftkit.PeftModel.generate` keeps that true for soft prompts too); an
+    encoder-decoder model returns the decoder's tokens only."""
+    return out if seq2seq else out[:, prompt.shape[1]:]

@@ -22,6 +22,7 @@ from ..evaluate.generate import new_tokens
 from ..hub import is_seq2seq
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
+from ..registry import tuner_for
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -44,11 +45,9 @@ def measure_latency(model: str, adapter: str | None, data: str, fmt: PromptForma
     if rows == 0:
         return {"total_params": total, "rows": 0, "unmerged": None, "merged": None}
     variants = {"unmerged": net}
-    if adapter is not None:
-        try:  # merging works on the fp32 weights; the bf16 copy is made afterwards, as for the unmerged model
-            variants["merged"] = load_for_inference(model, adapter, device)[0].merge_and_unload()
-        except TypeError:  # the method cannot be merged (Tuner.merge refuses with TypeError)
-            pass
+    if adapter is not None and tuner_for(net.peft_config[net.active_adapter]).mergeable:
+        # Merging works on the fp32 weights; the bf16 copy is made afterwards, as for the unmerged model.
+        variants["merged"] = load_for_inference(model, adapter, device)[0].merge_and_unload()
     use_bf16, _ = resolve_precision(generation.precision, device)
     if use_bf16:
         for m in variants.values():

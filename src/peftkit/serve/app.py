@@ -42,16 +42,13 @@ log = logging.getLogger("peftkit.serve")
 def load_base(name_or_path: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``--model``: a local model directory, a catalogue name such as
     ``smollm2-135m-instruct`` (converted once into the cache), or a hub id when online."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..hub import is_seq2seq, load_model
 
-    from ..hub import resolve_model
-
-    where = resolve_model(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype: Any = getattr(torch, dtype) if dtype != "auto" else (torch.float32 if device == "cpu" else "auto")
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
-    return model.to(device).eval(), tokenizer
+    model, tokenizer = load_model(name_or_path, dtype="float32" if dtype == "auto" and device == "cpu" else dtype)
+    if is_seq2seq(model.config):
+        raise ValueError(f"--model {name_or_path} is an encoder-decoder model; peftkit serve runs causal language models.")
+    return model.to(device), tokenizer
 
 
 def build(config: ServeConfig) -> tuple[FastAPI, Engine]:
