@@ -274,19 +274,23 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator) -> float:
-    """Mean token cross-entropy on held-out data; the processes split the batches and add up."""
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator=None) -> float:
+    """Mean token cross-entropy on held-out data; the processes split the batches and add up
+    (``accelerator=None``: one process, as in ``peftkit eval``)."""
+    was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
     lengths = [len(e.input_ids) + len(e.labels) for e in data.items]
-    for rows in sorted_batches(lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    for rows in sorted_batches(lengths, batch_size)[rank::world]:
         batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
         with autocast(device, use_bf16):
             loss, n = loss_sum(model, batch, head)
         total += loss.double()
         count += n
-    model.train()
-    total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
+    model.train(was_training)
+    if accelerator is not None:
+        total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
     return (total / count).item()
 
 
