@@ -3,6 +3,7 @@ three reference modes (max, mean over references, first), and held-out loss / pe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -16,7 +17,7 @@ from torchmetrics.functional.text import squad
 import tiny_pipeline as tiny
 from peftkit.cli import main
 from peftkit.data import PromptFormat, load_encoded
-from peftkit.evaluate import METRICS, ROUGE_TYPES, ScoringSettings, metric_keys, score_text
+from peftkit.evaluate import METRICS, ROUGE_TYPES, ScoringSettings, check_available, metric_keys, score_text
 from peftkit.hub import load_model
 
 # Three references that give three different ROUGE scores, so max, mean and first all differ.
@@ -107,6 +108,10 @@ def test_bertscore_without_its_package_or_model_says_what_to_do(tmp_path):
     settings = ScoringSettings(metrics=["bertscore"], bertscore_model=str(tmp_path))
     with pytest.raises(ValueError, match="bert-score|not a local model directory"):
         score_text(PREDICTIONS, REFERENCES, settings)
+    if importlib.util.find_spec("bert_score") is None:  # refused before anything is generated, with the fix
+        with pytest.raises(ValueError, match="needs bert-score, which is not installed: pip install bert-score"):
+            check_available(["rouge", "bertscore"])
+    check_available(list(METRICS)[:-1])  # everything else is installed for the tests (the metrics extra)
 
 
 def test_eval_writes_every_mode_and_the_held_out_loss(tmp_path, capsys):

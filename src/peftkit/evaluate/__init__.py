@@ -25,7 +25,7 @@ from ..io.files import CONFIG_NAME, atomic_write_text
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .generate import GenerationSettings, generate_predictions
-from .metrics import METRICS, REFERENCE_MODES, ScoringSettings, metric_keys, score_fields, score_text
+from .metrics import METRICS, REFERENCE_MODES, ScoringSettings, check_available, metric_keys, score_fields, score_text
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
 
 
@@ -84,6 +84,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("No evaluation data: give --data FILE.")
     if not cfg.output:
         raise ValueError("No output directory: give --output DIR.")
+    check_available(cfg.scoring.metrics)
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
@@ -142,6 +143,7 @@ __all__ = [
     "REFERENCE_MODES",
     "ROUGE_TYPES",
     "ScoringSettings",
+    "check_available",
     "evaluate",
     "generate_predictions",
     "load_for_inference",

@@ -51,6 +51,7 @@ class Metric:
     per_row: bool = False
     model: bool = False
     multi_reference: Callable[..., dict[str, float]] | None = None
+    needs: tuple[str, str] | None = None  # (module, package): checked before anything is generated
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ScoringSettings:
         metrics: Metrics to compute (comma-separated): rouge (ROUGE-1/2/L/Lsum, rouge-score), exact_match
             and token_f1 (SQuAD's normalised exact match and token F1, for short answers; torchmetrics),
             bleu and chrf (sacrebleu), accuracy and macro_f1 (label classification; scikit-learn), loss
-            and perplexity (held-out cross-entropy of the references given the prompts), bertscore (needs
+            and perplexity (held-out cross-entropy of the first reference given the prompt), bertscore (needs
             the bert-score package and bertscore_model, a local model directory).
         reference_mode: How an example with several references is scored, for the headline numbers (all
             three are written to metrics.json as KEY_max, KEY_mean, KEY_first): max keeps the best
@@ -94,6 +95,16 @@ class ScoringSettings:
 
 
 # --- the library calls ----------------------------------------------------------------------------------
+def _require(module: str, package: str):
+    """Import ``module``, or say which package (in peftkit's ``metrics`` extra) to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"This metric needs the {package} package: pip install 'peftkit[metrics]' (or pip install {package}).") from None
+
+
 def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer
 
@@ -105,8 +116,7 @@ def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def _squad(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from torchmetrics.functional.text import squad
-
+    squad = _require("torchmetrics.functional.text", "torchmetrics").squad
     preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
     target = [{"answers": {"text": [r], "answer_start": [0]}, "id": str(i)} for i, r in enumerate(references)]
     out = squad(preds, target)  # percentages
@@ -114,34 +124,29 @@ def _squad(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def _bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
+    sacrebleu = _require("sacrebleu", "sacrebleu")
     return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score / 100}
 
 
 def _chrf(predictions: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
+    sacrebleu = _require("sacrebleu", "sacrebleu")
     return {"chrf": sacrebleu.corpus_chrf(predictions, [references]).score / 100}
 
 
 def _labels(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
+    sklearn_metrics = _require("sklearn.metrics", "scikit-learn")
     y_true, y_pred = [r.strip() for r in references], [p.strip() for p in predictions]
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+    return {"accuracy": float(sklearn_metrics.accuracy_score(y_true, y_pred)),
+            "macro_f1": float(sklearn_metrics.f1_score(y_true, y_pred, average="macro", zero_division=0))}
 
 
 def _bleu_multi(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    import sacrebleu
-
+    sacrebleu = _require("sacrebleu", "sacrebleu")
     return {"bleu": sacrebleu.corpus_bleu(predictions, _streams(references)).score / 100}
 
 
 def _chrf_multi(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    import sacrebleu
-
+    sacrebleu = _require("sacrebleu", "sacrebleu")
     return {"chrf": sacrebleu.corpus_chrf(predictions, _streams(references)).score / 100}
 
 
@@ -177,22 +182,34 @@ METRICS: dict[str, Metric] = {
     "rouge": Metric(("rouge1", "rouge2", "rougeL", "rougeLsum"), "ROUGE-1/2/L/Lsum F-measure, stemmed", "rouge-score",
                     _rouge, per_row=True),
     "exact_match": Metric(("exact_match",), "SQuAD exact match after normalisation (case, punctuation, articles)",
-                          "torchmetrics (SQuAD)", _squad, per_row=True),
+                          "torchmetrics (SQuAD)", _squad, per_row=True, needs=("torchmetrics", "torchmetrics")),
     "token_f1": Metric(("token_f1",), "SQuAD token-overlap F1 after the same normalisation", "torchmetrics (SQuAD)",
-                       _squad, per_row=True),
-    "bleu": Metric(("bleu",), "corpus BLEU (13a tokenizer), / 100", "sacrebleu", _bleu, multi_reference=_bleu_multi),
+                       _squad, per_row=True, needs=("torchmetrics", "torchmetrics")),
+    "bleu": Metric(("bleu",), "corpus BLEU (13a tokenizer), / 100", "sacrebleu", _bleu, multi_reference=_bleu_multi,
+                   needs=("sacrebleu", "sacrebleu")),
     "chrf": Metric(("chrf",), "corpus chrF (character n-gram F-score, beta 2), / 100", "sacrebleu", _chrf,
-                   multi_reference=_chrf_multi),
+                   multi_reference=_chrf_multi, needs=("sacrebleu", "sacrebleu")),
     "accuracy": Metric(("accuracy",), "share of predictions equal to the label (whitespace stripped)", "scikit-learn",
-                       _labels, multi_reference=_labels_multi),
+                       _labels, multi_reference=_labels_multi, needs=("sklearn", "scikit-learn")),
     "macro_f1": Metric(("macro_f1",), "F1 per label, averaged over labels", "scikit-learn", _labels,
-                       multi_reference=_labels_multi),
+                       multi_reference=_labels_multi, needs=("sklearn", "scikit-learn")),
     "loss": Metric(("loss",), "mean per-token cross-entropy of the first reference given the prompt (teacher forcing)",
                    "torch", model=True),
     "perplexity": Metric(("perplexity",), "exp(loss)", "torch", model=True),
     "bertscore": Metric(("bertscore_f1",), "BERTScore F1 (needs bert-score and a local model)", "bert-score",
-                        _bertscore, multi_reference=_bertscore),
+                        _bertscore, multi_reference=_bertscore, needs=("bert_score", "bert-score")),
 }
+
+
+def check_available(names: list[str]) -> None:
+    """Refuse, before anything is generated, a metric whose library is not installed (with the fix)."""
+    import importlib.util
+
+    missing = sorted({METRICS[n].needs[1] for n in names if METRICS[n].needs and importlib.util.find_spec(METRICS[n].needs[0]) is None})
+    if missing:
+        extra = "" if missing == ["bert-score"] else "pip install 'peftkit[metrics]', or "
+        raise ValueError(f"--metrics {','.join(names)} needs {', '.join(missing)}, which is not installed: "
+                         f"{extra}pip install {' '.join(missing)}.")
 
 
 def metric_keys(names: list[str] | None = None) -> list[str]:
@@ -273,4 +290,4 @@ def _average(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
-__all__ = ["METRICS", "REFERENCE_MODES", "Metric", "ScoringSettings", "by_reference_mode", "metric_keys", "score_fields", "score_text"]
+__all__ = ["METRICS", "REFERENCE_MODES", "Metric", "ScoringSettings", "by_reference_mode", "check_available", "metric_keys", "score_fields", "score_text"]

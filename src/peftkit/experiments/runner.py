@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..evaluate import check_available
 from ..io.files import atomic_write_text
 from .config import Entry, ExperimentConfig
 from .report import build_report, write_report
@@ -37,6 +38,7 @@ _NOT_IN_FINGERPRINT = {"output", "log_every", "save_every", "keep_checkpoints", 
 def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, Any]:
     """Run (or reuse) every entry of ``cfg`` and write the report; returns ``report.json``'s content."""
     cfg.check_required()
+    check_available(cfg.scoring.metrics)  # a missing metric library fails now, not after the training
     entries = cfg.entries()
     output = Path(cfg.output)
     started = time.perf_counter()
