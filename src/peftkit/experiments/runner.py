@@ -32,7 +32,7 @@ from .report import build_report, write_report
 from .worker import RESULT, SPEC, failed_result, run_entry, scored_otherwise
 
 # Settings that change how a run is logged or resumed, never its result.
-_NOT_IN_FINGERPRINT = {"output", "log_every", "save_every", "keep_checkpoints", "resume", "eval_data", "eval_every", "eval_limit"}
+_NOT_IN_FINGERPRINT = {"output", "report_to", "log_every", "save_every", "keep_checkpoints", "resume", "eval_data", "eval_every", "eval_limit"}
 
 
 def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, Any]:
