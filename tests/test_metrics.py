@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torchmetrics.functional.text import squad
 
 import tiny_pipeline as tiny
+from conftest import build
 from peftkit.cli import main
 from peftkit.data import PromptFormat, load_encoded
 from peftkit.evaluate import METRICS, ROUGE_TYPES, ScoringSettings, check_available, metric_keys, score_text
@@ -104,14 +105,36 @@ def test_scoring_settings_refuse_bad_input_with_the_fix():
     assert ScoringSettings(metrics="rouge, bleu").metrics == ["rouge", "bleu"]
 
 
-def test_bertscore_without_its_package_or_model_says_what_to_do(tmp_path):
+def test_bertscore_with_a_local_model_matches_bert_score(tmp_path):
+    bert_score = pytest.importorskip("bert_score")
+    model_dir = tmp_path / "bert"
+    build("bert").save_pretrained(model_dir)
+    tokenizer = tiny.tokenizer()
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(model_dir)
+    predictions = ["alice buys a car .", "bob sells a dog ."]
+    references = [["alice buys a car .", "bob finds a cat ."], ["bob sells the dog today ."]]
+    scores, _ = score_text(predictions, references, ScoringSettings(metrics=["bertscore"], bertscore_model=str(model_dir)))
+    def f1(preds, refs) -> float:
+        return bert_score.score(preds, refs, model_type=str(model_dir), num_layers=2)[2].mean().item()
+
+    # max: bert-score's own multi-reference scoring (each example's best reference)
+    assert scores["bertscore_f1"] == scores["bertscore_f1_max"] == pytest.approx(f1(predictions, references))
+    assert scores["bertscore_f1_first"] == pytest.approx(f1(predictions, [r[0] for r in references]))
+    pooled = [r for refs in references for r in refs]  # mean: each reference its own row
+    assert scores["bertscore_f1_mean"] == pytest.approx(f1([predictions[0]] * 2 + [predictions[1]], pooled))
+    assert scores["bertscore_f1_max"] > scores["bertscore_f1_mean"]
+
+
+def test_bertscore_without_its_package_or_model_says_what_to_do(tmp_path, monkeypatch):
     settings = ScoringSettings(metrics=["bertscore"], bertscore_model=str(tmp_path))
     with pytest.raises(ValueError, match="bert-score|not a local model directory"):
         score_text(PREDICTIONS, REFERENCES, settings)
-    if importlib.util.find_spec("bert_score") is None:  # refused before anything is generated, with the fix
-        with pytest.raises(ValueError, match="needs bert-score, which is not installed: pip install bert-score"):
-            check_available(["rouge", "bertscore"])
-    check_available(list(METRICS)[:-1])  # everything else is installed for the tests (the metrics extra)
+    check_available(list(METRICS))  # everything is installed for the tests (the metrics extra, bert-score in test)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bert_score" else real(name, *a))
+    with pytest.raises(ValueError, match="needs bert-score, which is not installed: pip install bert-score"):
+        check_available(["rouge", "bertscore"])  # refused before anything is generated, with the fix
 
 
 def test_eval_writes_every_mode_and_the_held_out_loss(tmp_path, capsys):
