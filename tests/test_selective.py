@@ -16,7 +16,7 @@ from peftkit.presets import MethodOptions, build_config
 
 def selected(model) -> list[str]:
     """Names (in the base model) of the parameters that train."""
-    return [n.removeprefix("base_model.") for n, p in model.named_parameters() if p.requires_grad]
+    return [n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bart", "bert"])
