@@ -96,3 +96,34 @@ def test_bad_requests_are_refused(tmp_path):
     other = get_peft_model(build("llama"), IA3Config(), adapter_name="ia3")
     with pytest.raises(TypeError, match="only LoRA"):
         other.add_weighted_adapter(["ia3"], [1], "mix", combination_type="linear")
+
+
+def test_merge_adapters_command_writes_the_combined_adapter(tmp_path):
+    from tiny_pipeline import model_dir
+
+    from peftkit import PeftModel
+    from peftkit.cli import main
+
+    base = model_dir(tmp_path)
+    dirs = []
+    for i, extra in enumerate(ADAPTERS["llama"]):
+        model = get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False, base_model_name_or_path=base, **extra))
+        nudge(model, seed=i)
+        model.save_pretrained(tmp_path / f"task{i}")
+        dirs.append(tmp_path / f"task{i}")
+    out = tmp_path / "both"
+    args = ["merge-adapters", "--adapter", str(dirs[0]), "--adapter", str(dirs[1]), "--weights", "0.7,-0.4",
+            "--combination-type", "dare_ties", "--density", "0.5", "--seed", "3", "--output", str(out)]
+    assert main(args) == 0
+    combined = PeftModel.from_pretrained(build("llama"), out)
+
+    model = PeftModel.from_pretrained(build("llama"), dirs[0], adapter_name="a")
+    model.load_adapter(dirs[1], adapter_name="b")
+    torch.manual_seed(3)
+    model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type="dare_ties", density=0.5)
+    model.set_adapter("mix")
+    torch.testing.assert_close(output(combined, inputs("llama")), output(model, inputs("llama")))
+    assert main(args) == 2  # the output exists: refused, nothing overwritten
+    bad = [*args[:-1], str(tmp_path / "other")]
+    bad[6] = "1"
+    assert main(bad) == 2 and not (tmp_path / "other").exists()  # one weight for two adapters
