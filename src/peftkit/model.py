@@ -188,6 +188,14 @@ class PeftModel(nn.Module):
         except KeyError:
             raise KeyError(f"No adapter named {adapter_name!r}; this model has {list(self._tuners)}.") from None
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any) -> None:
+        """Add ``adapter_name``: LoRA ``adapters`` combined with ``weights`` (``combination_type`` ``"svd"``,
+        ``"linear"``, ``"cat"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``, ...),
+        as in ``peft``. See :func:`peftkit.methods.lora_combine.add_weighted_adapter` for the options and math."""
+        from .methods.lora_combine import add_weighted_adapter  # the methods import this module
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
     # --- merging ----------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         """Fold the active adapter into the base weights (no added latency). Calling it twice is a no-op."""
