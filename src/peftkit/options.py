@@ -67,6 +67,17 @@ def section(config: Any, name: str) -> Any:
     return None
 
 
+def _section_holder(config: Any, name: str) -> Any:
+    """The (nested) dataclass that has the section ``name`` as a field, searched in order; None if none does."""
+    if dataclasses.is_dataclass(getattr(config, name, None)):
+        return config
+    for f in dataclasses.fields(config):
+        inner = getattr(config, f.name)
+        if dataclasses.is_dataclass(inner) and (holder := _section_holder(inner, name)) is not None:
+            return holder
+    return None
+
+
 def known_keys(config: Any) -> list[str]:
     keys = []
     for f in dataclasses.fields(config):
@@ -150,6 +161,12 @@ def _union_order(args: tuple, value: Any) -> list[Any]:
 
 
 def set_value(config: Any, key: str, value: Any) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a whole section, from Python code
+        holder = _section_holder(config, key)
+        if holder is None or not isinstance(value, type(getattr(holder, key))):
+            raise ValueError(f"Unknown section {key!r} for a {type(value).__name__} value.")
+        setattr(holder, key, value)
+        return
     target, name = locate(config, key)
     setattr(target, name, coerce(value, field_types(type(target))[name], key))
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..evaluate import EvalConfig, GenerationSettings
+from ..evaluate import EvalConfig, GenerationSettings, ScoringSettings
 from ..options import build, coerce, field_types, read_yaml
 from ..registry import get_preset, presets
 from ..train import TrainConfig
@@ -63,6 +63,7 @@ class ExperimentConfig:
         max_new_tokens: Longest generated prediction, in tokens.
         num_beams: 1 is greedy decoding; more is beam search.
         eval_batch_size: Prompts generated together during evaluation.
+        scoring: Metrics every entry is scored with, and how several references per example count.
         latency_rows: Rows (the first ones of eval_data) generated one at a time to time each entry's
             latency per example; adapters that can merge are timed merged and unmerged. 0 skips it.
         example_rows: Rows of eval_data shown in report.md with every entry's prediction.
@@ -85,6 +86,7 @@ class ExperimentConfig:
     max_new_tokens: int = 128
     num_beams: int = 1
     eval_batch_size: int = 16
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     latency_rows: int = 8
     example_rows: int = 3
     threads: int | None = None
@@ -102,6 +104,9 @@ class ExperimentConfig:
             if getattr(self.training, name) != getattr(blank, name):
                 raise ValueError(f"training.{name} cannot be set in a comparison: each entry sets its own "
                                  "(--train-data, --eval-data and --output are the comparison's; methods in --methods).")
+        if "rouge" not in self.scoring.metrics:
+            raise ValueError(f"--metrics {','.join(self.scoring.metrics)}: a comparison always scores ROUGE (its table, "
+                             f"conclusion and plots use it); add others beside it, e.g. --metrics rouge,{self.scoring.metrics[0]}.")
         # The evaluation settings validate themselves (one place for each rule); training's already did.
         self.eval_config("check")
 
@@ -134,7 +139,7 @@ class ExperimentConfig:
     def eval_config(self, output: str, model: str | None = None, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
                           limit=self.eval_limit, format=self.training.format, generation=self.generation(),
-                          cpu=self.training.cpu)
+                          scoring=dataclasses.replace(self.scoring), cpu=self.training.cpu)
 
     def _entry(self, name: str, method: str, options: dict[str, Any] | None = None, lr: float | None = None) -> Entry:
         """An entry for ``method``: the shared options it takes, and ``lr`` or the shared or method's default."""
