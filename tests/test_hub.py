@@ -75,6 +75,26 @@ def test_resolve_model(tmp_path, monkeypatch):
     assert hub.resolve_model("someone/some-model") == "someone/some-model"  # left to transformers to download
 
 
+def test_a_hub_id_reads_a_local_copy_when_offline(tmp_path, monkeypatch):
+    """--model HuggingFaceTB/SmolLM2-135M-Instruct (any org/name) uses a copy in the Hugging Face cache offline."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny.model_dir(tmp_path, "llama"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert Path(hub.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")) == snapshot
+    model, _ = hub.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
+        hub.resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")  # no copy of this one
+
+
 def test_load_model_picks_the_model_class(tmp_path):
     model, tok = hub.load_model(tiny.model_dir(tmp_path, "t5"))
     assert type(model).__name__ == "T5ForConditionalGeneration" and hub.is_seq2seq(model.config)
@@ -86,6 +106,9 @@ def test_models_commands(cache, capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert hub.DEFAULT_MODEL in out and "not converted yet" in out
+    # Users are told the default is a 4-bit GGUF dequantized, and where the original weights are.
+    assert "Q4_1 GGUF" in out and "not the original bf16 checkpoint" in " ".join(out.split())
+    assert "--model HuggingFaceTB/SmolLM2-135M-Instruct" in out
     assert main(["models", "path", hub.DEFAULT_MODEL]) == 0
     assert Path(capsys.readouterr().out.strip()) == hub.cached_path(hub.DEFAULT_MODEL)
     assert main(["models", "list"]) == 0

