@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def run_list(args: argparse.Namespace) -> int:
     for name, entry in CATALOGUE.items():
         state = f"cached at {cached_path(name)}" if is_cached(name) else "not converted yet (first use takes ~30 s)"
         default = " [default]" if name == DEFAULT_MODEL else ""
-        print(f"{name:<{width}}  {entry.description}{default}\n{'':<{width}}  {state}")
+        lines = textwrap.wrap(entry.description + default, 100 - width)
+        print(f"{name:<{width}}  " + f"\n{'':<{width}}  ".join(lines + [state]))
     print(f"cache: {cache_dir()} (set PEFTKIT_CACHE to move it)")
     return 0
 
