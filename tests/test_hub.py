@@ -107,8 +107,9 @@ def test_models_commands(cache, capsys):
     out = capsys.readouterr().out
     assert hub.DEFAULT_MODEL in out and "not converted yet" in out
     # Users are told the default is a 4-bit GGUF dequantized, and where the original weights are.
-    assert "Q4_1 GGUF" in out and "not the original bf16 checkpoint" in " ".join(out.split())
-    assert "--model HuggingFaceTB/SmolLM2-135M-Instruct" in out
+    flat = " ".join(out.split())
+    assert "Q4_1 GGUF" in flat and "not the original bf16 checkpoint" in flat
+    assert "--model HuggingFaceTB/SmolLM2-135M-Instruct" in flat
     assert main(["models", "path", hub.DEFAULT_MODEL]) == 0
     assert Path(capsys.readouterr().out.strip()) == hub.cached_path(hub.DEFAULT_MODEL)
     assert main(["models", "list"]) == 0
