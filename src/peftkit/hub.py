@@ -32,7 +32,8 @@ class CatalogueEntry:
         gguf_file: The file's path inside that distribution.
         install_hint: How to get the distribution when it is missing.
         hub_id: The model's Hugging Face id. Adapters record it as ``base_model_name_or_path`` (what ``peft``
-            and other tools load), and peftkit resolves it to this catalogue copy, with no network.
+            and other tools load), and peftkit resolves it to this catalogue copy, with no network. None (a
+            model not on the hub): adapters record the catalogue name.
     """
 
     name: str
@@ -40,7 +41,7 @@ class CatalogueEntry:
     distribution: str
     gguf_file: str
     install_hint: str
-    hub_id: str
+    hub_id: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -74,7 +75,7 @@ def recorded_name(name_or_path: str | None) -> str | None:
         return None
     entry = catalogue_entry(name_or_path)
     if entry is not None:
-        return entry.hub_id
+        return entry.hub_id or entry.name
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path.resolve())
