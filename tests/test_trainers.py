@@ -59,8 +59,10 @@ def test_plain_trainer_keeps_the_input_columns_and_trains_with_checkpointing(tmp
     model = get_peft_model(build("llama"), LoraConfig(r=4))
     rows = {**token_rows(), "text": ["unused"] * ROWS}
     trainer = transformers.Trainer(model=model, args=args(tmp_path, save_strategy="no", activation_checkpointing=True),
-                                   train_dataset=datasets.Dataset.from_dict(rows))
+                                   train_dataset=datasets.Dataset.from_dict(rows),
+                                   eval_dataset=datasets.Dataset.from_dict({**token_rows(2), "text": ["unused"] * ROWS}))
     assert trainer.label_names == ["labels"]
+    assert trainer.evaluate()["eval_loss"] > 0  # labels found: the loss is computed in evaluation too
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(model.named_parameters())
