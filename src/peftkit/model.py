@@ -215,6 +215,14 @@ class PeftModel(nn.Module):
         except KeyError:
             raise KeyError(f"No adapter named {adapter_name!r}; this model has {list(self._tuners)}.") from None
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any) -> None:
+        """Add ``adapter_name``: LoRA ``adapters`` combined with ``weights`` (``combination_type`` ``"svd"``,
+        ``"linear"``, ``"cat"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``, ...),
+        as in ``peft``. See :func:`peftkit.methods.lora_combine.add_weighted_adapter` for the options and math."""
+        from .methods.lora_combine import add_weighted_adapter  # the methods import this module
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
     # --- merging ----------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         """Fold the active adapter into the base weights (no added latency). Calling it twice is a no-op."""
@@ -392,8 +400,8 @@ class PeftModel(nn.Module):
         ``default`` at the top, other adapters in sub-folders named after them).
 
         ``base_model_name_or_path`` records where the base model comes from: its Hugging Face id (catalogue
-        models included) or the absolute path of a local directory. A LoRA adapter that vLLM would refuse
-        to load gets a :class:`~peftkit.io.vllm.VllmCompatibilityWarning` saying why.
+        models included) or the absolute path of a local directory. A causal LM's LoRA adapter that vLLM
+        would refuse to load gets a :class:`~peftkit.io.vllm.VllmCompatibilityWarning` saying why.
         ``is_main_process=False`` writes nothing (the other ranks of a distributed run), as in ``peft``.
         """
         if kwargs:
@@ -417,7 +425,9 @@ class PeftModel(nn.Module):
             tensors = tuner.state_dict()
             where = save_directory if name == "default" else save_directory / name
             save_adapter_files(where, config, tensors)
-            problems = vllm_problems(config, tensors) if config.get("peft_type") == "LORA" else []
+            # vLLM serves generative models; a classifier's adapter (its head under modules_to_save) is not for it.
+            serving = config.get("peft_type") == "LORA" and config["task_type"] == "CAUSAL_LM"
+            problems = vllm_problems(config, tensors) if serving else []
             if problems:
                 warnings.warn(f"{where}: vLLM will not load adapter {name!r}: {'; '.join(problems)}.",
                               VllmCompatibilityWarning, stacklevel=2)
