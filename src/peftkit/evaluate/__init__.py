@@ -88,13 +88,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.output:
         raise ValueError("No output directory: give --output DIR.")
     started = time.perf_counter()
+    # before the model loads, so a format that contradicts training fails at once
+    fmt, format_source = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
         cast_linear_weights_to_bf16(model)
     seq2seq = is_seq2seq(model.config)
-    fmt, format_source = eval_format(cfg.format, cfg.adapter, model_name, cfg.override_training_format)
     examples, encoded = load_encoded(cfg.data, tokenizer, fmt, seq2seq, limit=cfg.limit)
     if progress:
         for line in [f"prompt format from {format_source}", *encoded.notes, encoded.describe()]:
