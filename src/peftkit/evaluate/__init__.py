@@ -1,15 +1,17 @@
-"""Evaluation: generate a prediction per row and score it with ROUGE.
+"""Evaluation: generate a prediction per row and score it (ROUGE by default; see metrics.py).
 
     metrics = evaluate(EvalConfig(adapter="runs/lora", data="test.jsonl", output="runs/lora/eval", limit=100))
 
-writes ``OUTPUT/metrics.json`` (ROUGE fractions in [0, 1], ``n``, the settings and timings) and
-``OUTPUT/predictions.jsonl`` (one line per row: prediction, references, per-example ROUGE).
+writes ``OUTPUT/metrics.json`` (each metric as a fraction in [0, 1] under the chosen reference mode,
+and as ``KEY_max``, ``KEY_mean``, ``KEY_first`` under all three; ``n``, the settings and timings) and
+``OUTPUT/predictions.jsonl`` (one line per row: prediction, references, its per-row scores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .format import FormatOverrides, eval_format, overrides_from
 from .generate import GenerationSettings, generate_predictions
+from .metrics import METRICS, REFERENCE_MODES, ScoringSettings, check_available, metric_keys, score_fields, score_text
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
 
 
@@ -44,6 +47,7 @@ class EvalConfig:
         override_training_format: Evaluate with format settings that differ from the training run's
             (without it, such a setting is an error: the adapter never saw that prompt).
         generation: Decoding settings.
+        scoring: Metrics and how several references per example are scored.
         cpu: Stay on the CPU even when a GPU is present.
     """
 
@@ -55,6 +59,7 @@ class EvalConfig:
     format: FormatOverrides = field(default_factory=FormatOverrides)
     override_training_format: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     cpu: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +92,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("No evaluation data: give --data FILE.")
     if not cfg.output:
         raise ValueError("No output directory: give --output DIR.")
+    check_available(cfg.scoring.metrics)
     started = time.perf_counter()
     # before the model loads, so a format that contradicts training fails at once
     fmt, format_source = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)
@@ -107,10 +113,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         predictions = generate_predictions(model, tokenizer, encoded.items, cfg.generation, seq2seq, progress=progress)
     generation_seconds = time.perf_counter() - generation_started
     references = [e.references for e in examples]
-    per_example = rouge_per_example(predictions, references)
+    scores, per_example = score_text(predictions, references, cfg.scoring)
+    if {"loss", "perplexity"} & set(cfg.scoring.metrics):
+        from ..train.loop import evaluate_loss
+
+        # encoded holds prompt + first reference, the labels covering the reference (as in training)
+        loss = evaluate_loss(model, encoded, cfg.generation.batch_size, tokenizer.pad_token_id, None, device, use_bf16)
+        scores.update({k: v for k, v in (("loss", loss), ("perplexity", math.exp(loss))) if k in cfg.scoring.metrics})
     metrics: dict[str, Any] = {
-        **{k: sum(s[k] for s in per_example) / len(per_example) for k in ROUGE_TYPES},
-        "n": len(per_example),
+        **scores,
+        "n": len(predictions),
+        "metrics": list(cfg.scoring.metrics),
+        "reference_mode": cfg.scoring.reference_mode,
         "model": model_name,
         "adapter": cfg.adapter,
         "data": cfg.data,
@@ -119,6 +133,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "format": {**dataclasses.asdict(encoded.format), "chat_template_used": encoded.chat_template_used},
         "format_source": format_source,
         "generation": dataclasses.asdict(cfg.generation),
+        "scoring": dataclasses.asdict(cfg.scoring),
         "precision": "bf16" if use_bf16 else "fp32",
         "precision_reason": precision_reason,
         "generation_s": generation_seconds,
@@ -127,7 +142,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     }
     output = Path(cfg.output)
     lines = [
-        json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(s[k], 6) for k in ROUGE_TYPES}})
+        json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(v, 6) for k, v in s.items()}})
         for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
     atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
@@ -139,12 +154,19 @@ __all__ = [
     "EvalConfig",
     "FormatOverrides",
     "GenerationSettings",
+    "METRICS",
+    "REFERENCE_MODES",
     "ROUGE_TYPES",
+    "ScoringSettings",
+    "check_available",
     "eval_format",
     "evaluate",
     "generate_predictions",
     "load_for_inference",
+    "metric_keys",
+    "score_fields",
     "rouge",
     "rouge_per_example",
+    "score_text",
     "sentences_on_lines",
 ]
