@@ -19,7 +19,7 @@ import torch
 
 from ..data import PromptFormat, load_encoded
 from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
-from ..io.files import CONFIG_NAME, atomic_write_text
+from ..io.files import CONFIG_NAME, atomic_write_text, staged_directory
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .generate import GenerationSettings, generate_predictions
@@ -116,8 +116,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(s[k], 6) for k in ROUGE_TYPES}})
         for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
-    atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # Staged and moved in together, metrics.json last: its presence means the evaluation is complete.
+    with staged_directory(output, last=("metrics.json",)) as staging:
+        atomic_write_text(staging / "predictions.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
