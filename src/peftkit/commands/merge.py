@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace what --output holds (it is replaced as a whole, "
                    "once the merged model is complete)")
+    p.add_argument("--no-check-values", dest="check_values", action="store_false", help="load adapter weights even "
+                   "if they hold NaN/inf or integers (refused by default: a diverged run, or not an adapter)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     check_output(output, {"base model": args.model or "", "adapter": args.adapter}, args.overwrite)  # before loading
-    model, tokenizer, model_name = load_for_inference(args.model, args.adapter, torch.device("cpu"))
+    model, tokenizer, model_name = load_for_inference(args.model, args.adapter, torch.device("cpu"), args.check_values)
     check_output(output, {"base model": resolve_model(model_name)}, args.overwrite)  # the one the adapter names
     merged = model.merge_and_unload()
     with staged_directory(output, replace=True, size=tensor_bytes(merged.state_dict().values())) as staging:

@@ -40,6 +40,8 @@ class EvalConfig:
         format: Fields, prompt template and truncation: use the same as in training.
         generation: Decoding settings.
         cpu: Stay on the CPU even when a GPU is present.
+        check_values: Refuse adapter weights holding NaN/inf or integers (a diverged run, or not an
+            adapter); turn off only to inspect such a file.
     """
 
     model: str | None = None
@@ -50,14 +52,16 @@ class EvalConfig:
     format: PromptFormat = field(default_factory=PromptFormat)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     cpu: bool = False
+    check_values: bool = True
 
     def __post_init__(self) -> None:
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
 
-def load_for_inference(model: str | None, adapter: str | None, device: torch.device):
-    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``."""
+def load_for_inference(model: str | None, adapter: str | None, device: torch.device, check_values: bool = True):
+    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``.
+    ``check_values=False`` accepts adapter weights holding NaN/inf or integers."""
     if adapter is not None:
         path = Path(adapter)
         if not (path / CONFIG_NAME).is_file():
@@ -69,7 +73,7 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
             model = recorded or DEFAULT_MODEL
     model = model or DEFAULT_MODEL
     base, tokenizer = load_model(model)
-    net = PeftModel.from_pretrained(base, adapter) if adapter is not None else base
+    net = PeftModel.from_pretrained(base, adapter, check_values=check_values) if adapter is not None else base
     return net.to(device).eval(), tokenizer, model
 
 
@@ -81,7 +85,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("No output directory: give --output DIR.")
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
+    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device, cfg.check_values)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
         cast_linear_weights_to_bf16(model)

@@ -360,5 +360,21 @@ def load_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor
         raise ValueError(f"{path} is not a readable safetensors file ({e}).") from None
 
 
+def check_adapter_values(tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    """Refuse weights no training writes: integer (or boolean) tensors, and NaN/inf values, which would
+    turn every output of the model into NaN. ``check_values=False`` / ``--no-check-values`` skip this."""
+    path = Path(directory) / WEIGHTS_NAME
+    for key, value in tensors.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(f"{path}: {key} holds {str(value.dtype).removeprefix('torch.')} values; adapter weights are "
+                             "floating point, so this is not an adapter's weights file. To load it anyway, pass "
+                             "check_values=False (--no-check-values).")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(f"{path}: {key} holds {bad} NaN/inf value(s) of {value.numel()}; the model would put out "
+                             "NaN. The training that wrote it probably diverged. To load it anyway, pass "
+                             "check_values=False (--no-check-values).")
+
+
 def load_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return load_adapter_config(directory), load_adapter_tensors(directory)
