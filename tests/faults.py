@@ -87,7 +87,7 @@ def inject(injector: Injector):
             setattr(obj, name, value)
 
 
-def run_cli(argv: list[str], fail_at: int, action: str, events_file: str) -> int:
+def run_cli(argv: list[str], fail_at: int, action: str, events_file: str) -> None:
     """Child-process entry: run ``peftkit argv`` with a fault at write site ``fail_at`` (0: none), then
     write the write sites it reached to ``events_file``. A kill ends the process before that."""
     import json
@@ -98,7 +98,7 @@ def run_cli(argv: list[str], fail_at: int, action: str, events_file: str) -> int
     with inject(injector):
         code = main(argv)
     Path(events_file).write_text(json.dumps(injector.events))
-    return code
+    raise SystemExit(code)  # the exit status of the child process
 
 
 def leftovers(root: Path) -> list[str]:
