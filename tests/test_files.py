@@ -77,6 +77,27 @@ def test_merge_refuses_its_inputs_folders_and_a_non_empty_output(work, tmp_path,
     assert leftovers(tmp_path) == []
 
 
+def test_a_staged_folder_replaces_its_own_earlier_version_whole_and_moves_into_other_folders(tmp_path):
+    def write(folder, last=()):
+        with staged_directory(folder, last=last) as staging:
+            atomic_write_text(staging / "predictions.jsonl", "new\n")
+            atomic_write_text(staging / "metrics.json", "{}\n")
+
+    evaluation = tmp_path / "eval"
+    write(evaluation)
+    inode = evaluation.stat().st_ino
+    write(evaluation)  # only its own earlier files: replaced as a whole (a new folder, renamed in)
+    assert evaluation.stat().st_ino != inode and sorted(os.listdir(evaluation)) == ["metrics.json", "predictions.jsonl"]
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    write(tmp_path / "adapter", last=("metrics.json",))  # someone else's folder: the files move in, nothing is lost
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "metrics.json", "predictions.jsonl"]
+    with pytest.raises(RuntimeError), staged_directory(tmp_path / "adapter") as staging:
+        atomic_write_text(staging / "metrics.json", "half")
+        raise RuntimeError("the evaluation failed")
+    assert (tmp_path / "adapter" / "metrics.json").read_text() == "{}\n" and leftovers(tmp_path) == []
+
+
 # --- a full disk at every write site --------------------------------------------------------------------
 def fault_sites(action) -> list[int]:
     """The write sites ``action()`` reaches that a full disk can fail (renames need no space)."""
