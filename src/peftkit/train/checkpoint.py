@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,12 @@ def remove_stale_checkpoints(output: Path) -> None:
     remove_stale(output / CHECKPOINTS)
 
 
-def save_final(output: Path, model: nn.Module, tokenizer, run: dict[str, Any], full_model: bool) -> None:
+def save_final(
+    output: Path, model: nn.Module, tokenizer, run: dict[str, Any], full_model: bool, extra: Callable[[Path], Any] | None = None
+) -> None:
     """The run's result into ``output``: the adapter (or, with ``full_model``, the trained model itself),
-    the tokenizer and ``run.json``, staged and moved in with ``run.json`` last (see ``staged_directory``)."""
+    the tokenizer, what ``extra(folder)`` writes, and ``run.json``, staged and moved in with ``run.json``
+    last (see ``staged_directory``)."""
     # Full fine-tuning: merging keeps what training changed (its weights are the base weights; it refuses
     # a plain unload, which would have to restore the originals).
     result = model.merge_and_unload() if full_model else model
@@ -110,6 +114,8 @@ def save_final(output: Path, model: nn.Module, tokenizer, run: dict[str, Any], f
     with staged_directory(output, last=FINAL_MARKERS, size=size) as staging:
         result.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
         atomic_write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
 
 
