@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = build(EvalConfig, args.config, args.set, **flags_from(args, args._dests))
     metrics = evaluate(config)
+    if config.task == "classify":
+        print(f"peftkit eval: n={metrics['n']}  accuracy {100 * metrics['accuracy']:.2f}  macro-F1 {100 * metrics['macro_f1']:.2f}")
+        print(f"peftkit eval: wrote {config.output}/metrics.json and predictions.jsonl")
+        return 0
     scores = "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
     print(f"peftkit eval: n={metrics['n']}  {scores}  ({metrics['examples_per_s']:.2f} examples/s)")
     print(f"peftkit eval: wrote {config.output}/metrics.json and predictions.jsonl")

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,6 +40,8 @@ class EvalConfig:
         format: Fields, prompt template and truncation: use the same as in training.
         generation: Decoding settings.
         cpu: Stay on the CPU even when a GPU is present.
+        task: ``generate`` scores generated text with ROUGE; ``classify`` scores the labels that an adapter from
+            ``peftkit train --task classify`` predicts with accuracy and macro-F1 (:mod:`peftkit.classify`).
     """
 
     model: str | None = None
@@ -50,8 +52,11 @@ class EvalConfig:
     format: PromptFormat = field(default_factory=PromptFormat)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     cpu: bool = False
+    task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
+        if self.task not in ("generate", "classify"):
+            raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}.")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
@@ -75,6 +80,10 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate, score, write ``metrics.json`` and ``predictions.jsonl``; returns the metrics."""
+    if cfg.task == "classify":
+        from ..classify import evaluate_classifier
+
+        return evaluate_classifier(cfg)
     if not cfg.data:
         raise ValueError("No evaluation data: give --data FILE.")
     if not cfg.output:

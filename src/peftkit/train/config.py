@@ -54,6 +54,9 @@ class TrainConfig:
         keep_checkpoints: How many recent checkpoints to keep on disk.
         resume: Continue from the newest checkpoint in ``output``.
         cpu: Train on the CPU even when a GPU is present.
+        task: ``generate`` trains the model to write the target text; ``classify`` loads it with a new
+            classification head (one output per distinct target label) and trains the adapter and the head
+            (:mod:`peftkit.classify`).
     """
 
     model: str = DEFAULT_MODEL
@@ -85,6 +88,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: bool = False
     cpu: bool = False
+    task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
         positive = ["batch_size", "grad_accum", "log_every", "keep_checkpoints"]
@@ -103,7 +107,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup!r}.")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
-        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32"))):
+        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+                              ("task", ("generate", "classify"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
 
