@@ -37,6 +37,7 @@ _UNSUPPORTED = {  # TrainConfig settings the short classification loop does not 
     "grad_accum": 1, "gradient_checkpointing": False, "eval_data": None, "save_every": None, "resume": False,
     "precision": "auto",
 }
+_TRACKERS_OK = ("auto", "none")  # classify writes train_log.jsonl only; an explicit tracker would be ignored
 
 
 def load_classifier(name_or_path: str, labels: list[str]):
@@ -75,6 +76,8 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
     from .train.loop import lr_factor
 
     changed = [f"{k}={getattr(cfg, k)!r}" for k, default in _UNSUPPORTED.items() if getattr(cfg, k) != default]
+    if getattr(cfg, "report_to", "auto") not in _TRACKERS_OK:
+        changed.append(f"report_to={cfg.report_to!r}")
     if changed:
         raise ValueError(f"task 'classify' does not support {', '.join(changed)}; leave these settings at their defaults.")
     cfg.check_required()
@@ -140,10 +143,12 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
 def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, Any]:
     """Predict a label per row (argmax of the head); write ``metrics.json`` (accuracy, macro-F1, per-label F1)
     and ``predictions.jsonl``; returns the metrics."""
-    try:
-        from sklearn.metrics import accuracy_score, f1_score
-    except ImportError:
-        raise ImportError("peftkit eval --task classify computes its metrics with scikit-learn: pip install scikit-learn.") from None
+    from .evaluate.metrics import ScoringSettings, check_available, score_text
+
+    wanted = list(cfg.scoring.metrics)
+    if wanted != ScoringSettings().metrics and not set(wanted) <= {"accuracy", "macro_f1"}:
+        raise ValueError(f"--task classify reports accuracy and macro_f1; --metrics {','.join(wanted)} does not apply.")
+    check_available(["accuracy", "macro_f1"])
     if not cfg.adapter or not (Path(cfg.adapter) / LABELS_FILE).is_file():
         raise FileNotFoundError(f"--task classify needs --adapter: a directory written by `peftkit train --task classify` "
                                 f"(with {LABELS_FILE}); got {cfg.adapter!r}.")
@@ -167,11 +172,16 @@ def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, An
     with torch.no_grad():
         for _, batch in _batches(texts, tokenizer, cfg.format.max_source_tokens, list(range(len(texts))), batch_size):
             predicted += model(**batch.to(device)).logits.argmax(-1).tolist()
-    ids = list(range(len(labels)))
-    per_label = f1_score(truth, predicted, labels=ids, average=None, zero_division=0)
+    # The same accuracy and macro-F1 as `peftkit eval --metrics accuracy,macro_f1` on generated labels (macro-F1
+    # averages over the labels that occur in the references or the predictions).
+    scores, _ = score_text([labels[p] for p in predicted], [[labels[t]] for t in truth],
+                           ScoringSettings(metrics=["accuracy", "macro_f1"], reference_mode="first"))
+    from sklearn.metrics import f1_score
+
+    per_label = f1_score(truth, predicted, labels=list(range(len(labels))), average=None, zero_division=0)
     metrics = {
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=ids, average="macro", zero_division=0)),
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
         "f1_per_label": {label: float(f) for label, f in zip(labels, per_label)},
         "n": len(truth), "model": model_name, "adapter": cfg.adapter, "data": cfg.data,
         "wall_time_s": time.perf_counter() - started,

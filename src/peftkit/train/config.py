@@ -13,6 +13,7 @@ from ..data import PromptFormat
 from ..hub import DEFAULT_MODEL
 from ..options import build
 from ..presets import MethodOptions
+from .tracking import ReportTo
 
 
 @dataclass
@@ -54,6 +55,9 @@ class TrainConfig:
         keep_checkpoints: How many recent checkpoints to keep on disk.
         resume: Continue from the newest checkpoint in ``output``.
         cpu: Train on the CPU even when a GPU is present.
+        report_to: Experiment tracker the logged numbers also go to (through Accelerate): tensorboard (event
+            files in OUTPUT/logs/), wandb or mlflow (configured by their environment variables), or none.
+            auto: TensorBoard when it is installed, else none. loss_curve.png is written either way.
         task: ``generate`` trains the model to write the target text; ``classify`` loads it with a new
             classification head (one output per distinct target label) and trains the adapter and the head
             (:mod:`peftkit.classify`).
@@ -88,6 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: bool = False
     cpu: bool = False
+    report_to: ReportTo = "auto"
     task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
@@ -108,6 +113,7 @@ class TrainConfig:
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
         for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
                               ("task", ("generate", "classify"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
@@ -120,7 +126,7 @@ class TrainConfig:
 
 
 # Settings that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "log_every", "eval_data", "eval_every", "eval_limit", "save_every", "keep_checkpoints", "output"}
+RESUMABLE_CHANGES = {"resume", "report_to", "log_every", "eval_data", "eval_every", "eval_limit", "save_every", "keep_checkpoints", "output"}
 
 
 def build_train_config(yaml_path: str | None = None, sets: list[str] | None = None, **flags) -> TrainConfig:
