@@ -186,3 +186,17 @@ def slow_steps(engine, seconds: float = 0.02):
         yield
     finally:
         del engine._step  # back to the class's method
+
+
+def model_state(model: torch.nn.Module) -> tuple:
+    """Everything a failed adapter load must leave as it was: each module (name, class, training flag)
+    and each parameter and buffer (name, requires_grad, SHA-256 of its bytes)."""
+    import hashlib
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    modules = [(n, type(m).__name__, m.training) for n, m in model.named_modules()]
+    params = [(n, p.requires_grad, str(p.dtype), tuple(p.shape), digest(p)) for n, p in model.named_parameters()]
+    buffers = [(n, str(b.dtype), tuple(b.shape), digest(b)) for n, b in model.named_buffers()]
+    return modules, params, buffers
