@@ -55,7 +55,8 @@ def refusal(config: PeftConfig) -> str | None:
     tuner = tuner_for(config)
     kind = type(config).__name__
     if tuner.is_exclusive(config):
-        what = f"a LoRA with bias={config.bias!r} trains" if hasattr(config, "bias") else f"{kind} trains"
+        bias = getattr(config, "bias", None)
+        what = f"{kind} with bias={bias!r} trains" if bias not in (None, "none") else f"{kind} trains"
         return (f"{what} the base model's own weights, which every request of this server shares; merge it into "
                 "a model of its own (peftkit merge) and serve that instead.")
     if not tuner.mixed_batch:

@@ -64,7 +64,12 @@ def build(config: ServeConfig) -> tuple[FastAPI, Engine]:
     for name, path in config.adapters.items():
         if name == config.model_name:
             raise ValueError(f"Adapter name {name!r} is the base model's name; pick another.")
-        engine.load_adapter(name, path).result()
+        try:
+            engine.load_adapter(name, path).result()
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # one line for the command line, whatever the loader raised
+            raise ValueError(f"--adapter {name}={path}: {_reason(e)}") from e
     app = create_app(engine, tokenizer, model_name=config.model_name, api_key=config.api_key, adapter_root=config.adapter_root)
     return app, engine
 
