@@ -24,7 +24,7 @@ import torch
 
 from .data import read_examples
 from .hub import CATALOGUE, resolve_model
-from .io.files import CONFIG_NAME, atomic_write_text
+from .io.files import CONFIG_NAME, atomic_write_text, staged_directory
 from .model import PeftModel, get_peft_model
 from .presets import build_config, get_preset
 
@@ -128,14 +128,16 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
             if step == total_steps:
                 break
 
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    atomic_write_text(output / LABELS_FILE, json.dumps({"labels": labels}, indent=2) + "\n")
-    atomic_write_text(output / "train_log.jsonl", "".join(json.dumps(line) + "\n" for line in log))
     run = {"task": "classify", "config": dataclasses.asdict(cfg), "labels": labels, "rows": len(texts),
            "steps": step, "trainable_params": trainable, "total_params": total,
            "wall_time_s": time.perf_counter() - started}
-    atomic_write_text(output / "run.json", json.dumps(run, indent=2) + "\n")
+    # Staged and moved in as a whole (run.json last), like peftkit train's result.
+    with staged_directory(output, last=("adapter_config.json", "run.json")) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_text(staging / LABELS_FILE, json.dumps({"labels": labels}, indent=2) + "\n")
+        atomic_write_text(staging / "train_log.jsonl", "".join(json.dumps(line) + "\n" for line in log))
+        atomic_write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
     print(f"peftkit train: wrote the adapter, {LABELS_FILE} and run.json to {output}")
     return run
 
@@ -186,9 +188,9 @@ def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, An
         "n": len(truth), "model": model_name, "adapter": cfg.adapter, "data": cfg.data,
         "wall_time_s": time.perf_counter() - started,
     }
-    output = Path(cfg.output)
-    atomic_write_text(output / "predictions.jsonl", "".join(
-        json.dumps({"row": i + 1, "prediction": labels[p], "label": labels[t]}) + "\n"
-        for i, (p, t) in enumerate(zip(predicted, truth))))
-    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    with staged_directory(cfg.output, last=("metrics.json",)) as staging:  # whole or absent
+        atomic_write_text(staging / "predictions.jsonl", "".join(
+            json.dumps({"row": i + 1, "prediction": labels[p], "label": labels[t]}) + "\n"
+            for i, (p, t) in enumerate(zip(predicted, truth))))
+        atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

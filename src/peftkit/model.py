@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .inject import check_adapter_name, freeze
-from .io.files import load_adapter_config, load_adapter_tensors, save_adapter_files
+from .io.files import check_adapter_values, load_adapter_config, load_adapter_tensors, save_adapter_files
 from .registry import config_from_dict, tuner_for
 from .tuner import BASE, Routing, Tuner
 
@@ -358,10 +358,12 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        check_values: bool = True,
     ) -> "PeftModel":
-        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``."""
-        config, tensors = _read_adapter(model_id, is_trainable)
+        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
         with _unchanged_on_error(model):
             peft_model = cls(model, config, adapter_name)
             try:
@@ -371,9 +373,12 @@ class PeftModel(nn.Module):
                 raise
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it."""
-        config, tensors = _read_adapter(model_id, is_trainable)
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, check_values: bool = True
+    ) -> None:
+        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
         with _unchanged_on_error(self):
             self.add_adapter(adapter_name, config)
             try:
@@ -429,11 +434,16 @@ def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     return (), {**bound, **kwargs}
 
 
-def _read_adapter(path: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def _read_adapter(
+    path: str | os.PathLike, is_trainable: bool, check_values: bool = True
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     data = load_adapter_config(path)
     data["inference_mode"] = not is_trainable
     config = config_from_dict(data, source=str(Path(path) / "adapter_config.json"))
-    return config, load_adapter_tensors(path)
+    tensors = load_adapter_tensors(path)
+    if check_values:
+        check_adapter_values(tensors, path)
+    return config, tensors
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -61,7 +61,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     elif suffix == ".json":
         rows = _json_rows(text, path)
     elif suffix == ".csv":
-        rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=1))
+        rows = _csv_rows(text, path)
     else:
         raise ValueError(f"{path}: unknown data format {suffix or '(no extension)'!r}; use .jsonl, .json or .csv.")
     if not rows:
@@ -81,6 +81,9 @@ def _jsonl_rows(text: str, path: str) -> list[tuple[int, Any]]:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}).") from None
+        except RecursionError:
+            raise ValueError(f"{path}: line {number} nests lists or objects too deeply to read ({_nesting(line)} levels); "
+                             "a row is an object of text fields.") from None
     return rows
 
 
@@ -91,11 +94,99 @@ def _json_rows(text: str, path: str) -> list[tuple[int, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: lists or objects are nested too deeply to read ({_nesting(text)} levels); "
+                         "expected a list of objects with text fields.") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}), found a {_json_kind(data)}.")
     return list(enumerate(data, start=1))
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest in ``text`` (ignoring strings roughly: only for the message)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _csv_rows(text: str, path: str) -> list[tuple[int, dict[str, str]]]:
+    """Records after the header, as ``(record number, {header: value})``. Quoting errors, duplicate header
+    names and rows of the wrong width are errors naming the row, its line and the field: the lenient
+    reading would silently merge rows, or shift fields."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long dialogue is data, not an error (the default stops at 128 KiB)
+    try:
+        reader = csv.reader(io.StringIO(text), strict=True)
+        records: list[tuple[int, int, list[str]]] = []  # (record number, first line, fields)
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ValueError(_csv_error(text, path, start, len(records), records[0][2] if records else None, e)) from None
+            if fields:
+                records.append((len(records), start, fields))
+    finally:
+        csv.field_size_limit(limit)
+    if not records:
+        return []
+    header = [name.strip() for name in records[0][2]]
+    seen: dict[str, int] = {}
+    for column, name in enumerate(header, start=1):
+        if name in seen:
+            raise ValueError(f"{path}: the header (line {records[0][1]}) names the field {name!r} twice (columns "
+                             f"{seen[name]} and {column}); give each column its own name.")
+        seen[name] = column
+    rows = []
+    for number, line, fields in records[1:]:
+        if len(fields) != len(header):
+            field = f"the field {header[len(fields)]!r} is missing" if len(fields) < len(header) else f"{len(fields) - len(header)} field(s) have no header"
+            raise ValueError(f"{path}: row {number} (line {line}) has {len(fields)} fields, the header has {len(header)}: "
+                             f"{field}. Put a field holding a comma or a line break in double quotes.")
+        rows.append((number, dict(zip(header, fields, strict=True))))
+    return rows
+
+
+def _csv_error(text: str, path: str, start: int, number: int, header: list[str] | None, error: csv.Error) -> str:
+    """Name the row, line and field of a CSV quoting error (``number`` 0 is the header)."""
+    row = f"row {number}" if number else "the header"
+    rest = "".join(text.splitlines(keepends=True)[start - 1 :])
+    i, column, line, quote_line, in_quotes, at_start = 0, 0, start, start, False, True
+    while i < len(rest):
+        ch = rest[i]
+        if in_quotes:
+            if ch == '"' and rest[i + 1 : i + 2] == '"':
+                i += 2  # a doubled quote inside a quoted field
+                continue
+            if ch == '"':
+                in_quotes = False
+                if rest[i + 1 : i + 2] not in (",", "\r", "\n", ""):
+                    break  # text after a closing quote: this field is the faulty one
+            elif ch == "\n":
+                line += 1
+        elif ch == '"' and at_start:
+            in_quotes, quote_line = True, line
+        elif ch == ",":
+            column, at_start, i = column + 1, True, i + 1
+            continue
+        elif ch == "\n":
+            break
+        at_start = False
+        i += 1
+    field = f"field {header[column].strip()!r}" if header and column < len(header) else f"column {column + 1}"
+    if "unexpected end of data" in str(error) or in_quotes:
+        return (f"{path}: {row} (line {start}), {field}: a quoted field opened on line {quote_line} is never closed, so "
+                f"the rest of the file would be read into it. Close the quote, or double a quote inside a quoted field (\"\").")
+    return f"{path}: {row} (line {start}), {field}: {error}. A field holding a quote must be quoted with the quote doubled (\"\")."
 
 
 def _json_kind(value: Any) -> str:

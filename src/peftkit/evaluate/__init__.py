@@ -21,7 +21,7 @@ import torch
 
 from ..data import PromptFormat, load_encoded
 from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
-from ..io.files import CONFIG_NAME, atomic_write_text
+from ..io.files import CONFIG_NAME, atomic_write_text, staged_directory
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .generate import GenerationSettings, generate_predictions
@@ -44,6 +44,8 @@ class EvalConfig:
         generation: Decoding settings.
         scoring: Metrics and how several references per example are scored.
         cpu: Stay on the CPU even when a GPU is present.
+        check_values: Refuse adapter weights holding NaN/inf or integers (a diverged run, or not an
+            adapter); turn off only to inspect such a file.
         task: ``generate`` scores generated text with ROUGE; ``classify`` scores the labels that an adapter from
             ``peftkit train --task classify`` predicts with accuracy and macro-F1 (:mod:`peftkit.classify`).
     """
@@ -57,6 +59,7 @@ class EvalConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     cpu: bool = False
+    check_values: bool = True
     task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
@@ -66,8 +69,9 @@ class EvalConfig:
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
 
-def load_for_inference(model: str | None, adapter: str | None, device: torch.device):
-    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``."""
+def load_for_inference(model: str | None, adapter: str | None, device: torch.device, check_values: bool = True):
+    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``.
+    ``check_values=False`` accepts adapter weights holding NaN/inf or integers."""
     if adapter is not None:
         path = Path(adapter)
         if not (path / CONFIG_NAME).is_file():
@@ -79,7 +83,7 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
             model = recorded or DEFAULT_MODEL
     model = model or DEFAULT_MODEL
     base, tokenizer = load_model(model)
-    net = PeftModel.from_pretrained(base, adapter) if adapter is not None else base
+    net = PeftModel.from_pretrained(base, adapter, check_values=check_values) if adapter is not None else base
     return net.to(device).eval(), tokenizer, model
 
 
@@ -96,7 +100,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     check_available(cfg.scoring.metrics)
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
+    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device, cfg.check_values)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
         cast_linear_weights_to_bf16(model)
@@ -140,8 +144,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(v, 6) for k, v in s.items()}})
         for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
-    atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # Staged and moved in together, metrics.json last: its presence means the evaluation is complete.
+    with staged_directory(output, last=("metrics.json",)) as staging:
+        atomic_write_text(staging / "predictions.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
