@@ -165,14 +165,17 @@ def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, An
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     base, tokenizer = load_classifier(model_name, labels)
     model = PeftModel.from_pretrained(base, cfg.adapter).to(device).eval()
-    texts, names = _rows(cfg.data, cfg.format, cfg.limit)
+    from .evaluate.format import eval_format
+
+    fmt = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)[0]  # the training run's fields
+    texts, names = _rows(cfg.data, fmt, cfg.limit)
     unknown = sorted(set(names) - set(labels))
     if unknown:
         raise ValueError(f"{cfg.data}: labels {unknown} are not among the adapter's {labels}.")
     truth = [labels.index(n) for n in names]
     predicted: list[int] = []
     with torch.no_grad():
-        for _, batch in _batches(texts, tokenizer, cfg.format.max_source_tokens, list(range(len(texts))), batch_size):
+        for _, batch in _batches(texts, tokenizer, fmt.max_source_tokens, list(range(len(texts))), batch_size):
             predicted += model(**batch.to(device)).logits.argmax(-1).tolist()
     # The same accuracy and macro-F1 as `peftkit eval --metrics accuracy,macro_f1` on generated labels (macro-F1
     # averages over the labels that occur in the references or the predictions).

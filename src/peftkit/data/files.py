@@ -27,12 +27,15 @@ class Example:
         references: Target texts: ``[0]`` is what training learns, evaluation scores against all.
         row: 1-based row number in the file, for messages.
         fields: The whole row, so a prompt template can use any of its fields.
+        messages: Chat rows only: the turns (``{"role": ..., "content": ...}``) up to and including the
+            answer in ``references[0]`` (the last assistant turn); ``source`` is then the last user turn.
     """
 
     source: str
     references: list[str]
     row: int
     fields: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
 
     @property
     def target(self) -> str:
@@ -198,50 +201,18 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def _read_hub_dataset(spec: str) -> list[dict[str, Any]]:
-    """``org/name[:split]`` through the ``datasets`` package (optional: ``pip install datasets``)."""
+    """``org/name[:split]`` through the ``datasets`` package (optional: ``pip install peftkit[datasets]``)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise FileNotFoundError(f"Data file {spec} does not exist, and the hub is offline (HF_HUB_OFFLINE), so it cannot be downloaded.")
     try:
         import datasets
     except ImportError:
         raise FileNotFoundError(
-            f"Data file {spec} does not exist. To read it as a hub dataset id, install the `datasets` package."
+            f"Data file {spec} does not exist. To read it as a hub dataset id, install the `datasets` package "
+            "(pip install peftkit[datasets])."
         ) from None
     name, _, split = spec.partition(":")
     return [dict(row) for row in datasets.load_dataset(name, split=split or "train")]
-
-
-def read_examples(
-    path: str,
-    input_field: str = "dialogue",
-    target_field: str = "summary",
-    require_target: bool = True,
-    limit: int | None = None,
-) -> list[Example]:
-    """Rows of ``path`` as :class:`Example` s.
-
-    References are ``row[target_field]`` and, after it, ``row[target_field + "1"]``, ``+ "2"``, ...
-    (DialogSum's test split has ``summary1..summary3``). With ``require_target=False`` rows without
-    any reference are kept (generation only).
-    """
-    rows = read_rows(path)
-    if limit is not None:
-        rows = rows[:limit]
-    examples = []
-    for number, row in enumerate(rows, start=1):
-        source = _text(row, input_field, path, number, "--input-field")
-        references = [_text(row, target_field, path, number, "--target-field")] if target_field in row else []
-        i = 1
-        while f"{target_field}{i}" in row:
-            references.append(_text(row, f"{target_field}{i}", path, number, "--target-field"))
-            i += 1
-        if not references and require_target:
-            raise ValueError(
-                f"{path}: row {number} has no field {target_field!r} (nor {target_field}1, {target_field}2, ...); "
-                f"its fields are {sorted(row)}. Set --target-field to the field holding the expected output."
-            )
-        examples.append(Example(source=source, references=references, row=number, fields=row))
-    return examples
 
 
 def _text(row: dict[str, Any], name: str, path: str, number: int, option: str) -> str:

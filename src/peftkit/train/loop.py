@@ -32,7 +32,7 @@ from ..data import (
     collate_for_training,
     encode_examples,
     load_encoded,
-    read_examples,
+    load_examples,
     sorted_batches,
 )
 from ..hub import is_seq2seq, load_model
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
     preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
     lr = cfg.lr if cfg.lr is not None else preset.default_lr
-    train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
+    train_examples, data_format, data_notes = load_examples(cfg.data, cfg.format, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
     model = get_peft_model(base, peft_config)
@@ -98,8 +98,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"({100 * trainable / total:.4f}%); lr {lr:g}{'' if cfg.lr is not None else ' (the method default)'}; precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
     # --- data: tokenized once; batches are lists of example indices -------------------------------
-    train_set = encode_examples(train_examples, tokenizer, cfg.format, seq2seq)
-    eval_set = load_encoded(cfg.eval_data, tokenizer, cfg.format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
+    train_set = encode_examples(train_examples, tokenizer, data_format, seq2seq)
+    for note in data_notes:
+        say(f"peftkit train: {note}")
+    eval_set = load_encoded(cfg.eval_data, tokenizer, data_format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
     for name, encoded in (("training", train_set), ("evaluation", eval_set)):
         if encoded is not None and encoded.describe():
             say(f"peftkit train: {name} data: {encoded.describe()}")
@@ -239,6 +241,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "lr": lr,
             "saves_full_model": preset.saves_full_model,
             "seq2seq": seq2seq,
+            "format": {**dataclasses.asdict(data_format), "chat_template_used": train_set.chat_template_used},
             "device": str(device),
             "processes": world,
             "precision": "bf16" if use_bf16 else "fp32",
