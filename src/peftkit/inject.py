@@ -178,6 +178,17 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in named_base_modules(model) if module is head}
 
 
+def check_regex(pattern: str, where: str) -> str:
+    """``pattern`` if it compiles; else a ValueError saying where it came from, at config construction
+    rather than as a ``re.error`` when the model is searched."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{where}: {pattern!r} is not a valid regular expression ({e}). A string is matched as a "
+                         "regex against whole module names; to list names, give a list.") from None
+    return pattern
+
+
 def name_matches(name: str, pattern: str | list[str] | set[str] | tuple[str, ...]) -> bool:
     """``peft``'s matching rule: a string is a regex that must match the whole name; a list matches a
     name that equals an entry or ends with ``.`` + entry."""
@@ -240,8 +251,10 @@ def describe_modules(model: nn.Module, supported: tuple[type[nn.Module], ...], h
 def module_names(value: Any, field_name: str, regex_ok: bool = True, allow_empty: bool = True) -> Any:
     """A config's module-name setting, checked: None, a regex string (if ``regex_ok``), or a list of names
     (a set becomes a sorted list). ``field_name`` names the setting in the error (``"LoraConfig: target_modules"``)."""
-    if value is None or (regex_ok and isinstance(value, str)):
+    if value is None or value == "all-linear":
         return value
+    if regex_ok and isinstance(value, str):
+        return check_regex(value, field_name)
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value) and (value or allow_empty):
         return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
     kinds = f"a{'' if allow_empty else ' non-empty'} list of module names{', a regex string' if regex_ok else ''} or None"

@@ -8,8 +8,11 @@ method-specific lives in the method's own file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,9 @@ from torch import nn
 
 from .config import PeftConfig
 from .inject import check_adapter_name, freeze
-from .io.files import load_adapter_config, load_adapter_tensors, save_adapter_files
+from .hub import recorded_name
+from .io.files import check_adapter_values, load_adapter_config, load_adapter_tensors, save_adapter_files
+from .io.vllm import VllmCompatibilityWarning, vllm_problems
 from .registry import config_from_dict, tuner_for
 from .tuner import BASE, Routing, Tuner
 
@@ -68,6 +73,28 @@ class TunerModel(nn.Module):
             return getattr(self.model, name)
 
 
+class _ForwardWithBaseSignature:
+    """``PeftModel.forward``, which reports the base model's signature when read from an instance.
+
+    Code that picks a model's inputs from ``inspect.signature(model.forward)`` then sees the real input names:
+    ``transformers.Trainer`` drops every dataset column the signature does not name (for a ``peft`` model it
+    reads the base model's signature). Read from the class it is the plain function, whose ``labels``
+    parameter is how transformers finds the label columns. A non-data descriptor, so code that replaces
+    ``model.forward`` on an instance (accelerate's autocast, TRL) still can.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, instance: "PeftModel | None", owner: type | None = None) -> Any:
+        if instance is None:
+            return self.fn
+        bound = functools.partial(self.fn, instance)
+        bound.__signature__ = instance._forward_signature()  # type: ignore[attr-defined]
+        return bound
+
+
 class PeftModel(nn.Module):
     """A model whose base weights are frozen and whose named adapters can be trained, switched,
     merged, saved and loaded.
@@ -89,9 +116,10 @@ class PeftModel(nn.Module):
         self._merged: str | None = None
         self._trainable_adapter: str | None = None  # the adapter whose parameters require grad
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        freeze(model)
-        self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        with _unchanged_on_error(model):  # e.g. no target module matched: the model stays trainable as it was
+            freeze(model)
+            self.add_adapter(adapter_name, peft_config)
+            self.set_adapter(adapter_name)
 
     # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
     # (``base_model`` is the TunerModel layer, ``get_base_model()`` the transformers model, as in ``peft``.)
@@ -127,7 +155,8 @@ class PeftModel(nn.Module):
             )
         if self._merged is not None:
             raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before adding another adapter.")
-        tuner = tuner_class(self, adapter_name, peft_config)
+        with _unchanged_on_error(self):  # a tuner that fails builds nothing into the model (its own promise)
+            tuner = tuner_class(self, adapter_name, peft_config)
         self._tuners[adapter_name] = tuner
         self.peft_config[adapter_name] = peft_config
         for _, p in tuner.named_parameters():
@@ -240,12 +269,30 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # --- running ----------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    @_ForwardWithBaseSignature
+    def forward(self, *args: Any, labels: Any = None, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with the active adapter, or with ``adapter_names[i]`` for row ``i``
-        (``"__base__"`` for no adapter)."""
+        (``"__base__"`` for no adapter). Takes the base model's inputs (``labels`` included)."""
+        if labels is not None:
+            kwargs["labels"] = labels
         with self._rows(adapter_names):
             args, kwargs = self._prepare_inputs(self.get_base_model().forward, args, kwargs, for_generate=False)
             return self.base_model(*args, **kwargs)
+
+    def _forward_signature(self) -> inspect.Signature:
+        """The base model's ``forward`` signature plus ``adapter_names`` (cached per base ``forward``)."""
+        base_forward = self.get_base_model().forward
+        key = getattr(base_forward, "__func__", base_forward)
+        cached = self.__dict__.get("_signature_cache")
+        if cached is None or cached[0] is not key:
+            params = list(inspect.signature(base_forward).parameters.values())
+            if all(p.name != "adapter_names" for p in params):
+                extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+                tail = [p for p in params if p.kind == p.VAR_KEYWORD]
+                params = [p for p in params if p.kind != p.VAR_KEYWORD] + [extra] + tail
+            cached = (key, inspect.Signature(params))
+            self.__dict__["_signature_cache"] = cached
+        return cached[1]
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, fold_adapter: bool = True, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapter, or ``adapter_names[i]`` for row ``i``.
@@ -302,10 +349,7 @@ class PeftModel(nn.Module):
             raise RuntimeError("adapter_names cannot be used inside disable_adapter().")
         if self._merged is not None:
             raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before running a mixed batch.")
-        for name in set(adapter_names) - {BASE}:
-            tuner = self._tuner(name)
-            if not tuner.mixed_batch:
-                raise ValueError(f"Adapter {name!r} ({type(tuner.config).__name__}) cannot share a batch with other adapters.")
+        self.check_mixed_batch(adapter_names)
         self.routing.set_rows(list(adapter_names))
         try:
             yield
@@ -353,9 +397,30 @@ class PeftModel(nn.Module):
         return "\n".join(lines)
 
     # --- files ------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        *,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft``'s layout:
-        ``default`` at the top, other adapters in sub-folders named after them)."""
+        ``default`` at the top, other adapters in sub-folders named after them).
+
+        ``base_model_name_or_path`` records where the base model comes from: its Hugging Face id (catalogue
+        models included) or the absolute path of a local directory. A causal LM's LoRA adapter that vLLM
+        would refuse to load gets a :class:`~peftkit.io.vllm.VllmCompatibilityWarning` saying why.
+        ``is_main_process=False`` writes nothing (the other ranks of a distributed run), as in ``peft``.
+        """
+        if kwargs:
+            raise TypeError(f"save_pretrained() got options peftkit does not have: {', '.join(sorted(kwargs))}.")
+        if not safe_serialization:
+            raise ValueError("peftkit writes adapters as safetensors only (a pickle can run code when loaded); "
+                             "drop safe_serialization=False.")
+        if not is_main_process:
+            return
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise NotADirectoryError(f"{save_directory} exists and is not a directory.")
@@ -364,33 +429,100 @@ class PeftModel(nn.Module):
             config = tuner.config_dict()
             config["inference_mode"] = True
             config["task_type"] = config.get("task_type") or infer_task_type(self.get_base_model())
-            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or _name_or_path(self.get_base_model())
+            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or recorded_name(
+                _name_or_path(self.get_base_model())
+            )
             tensors = tuner.state_dict()
-            save_adapter_files(save_directory if name == "default" else save_directory / name, config, tensors)
+            where = save_directory if name == "default" else save_directory / name
+            save_adapter_files(where, config, tensors)
+            # vLLM serves generative models; a classifier's adapter (its head under modules_to_save) is not for it.
+            serving = config.get("peft_type") == "LORA" and config["task_type"] == "CAUSAL_LM"
+            problems = vllm_problems(config, tensors) if serving else []
+            if problems:
+                warnings.warn(f"{where}: vLLM will not load adapter {name!r}: {'; '.join(problems)}.",
+                              VllmCompatibilityWarning, stacklevel=2)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload the adapter files (what ``save_pretrained`` writes, never the base model) to the Hugging
+        Face Hub repository ``repo_id``, creating it if needed. Returns the commit's information."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as folder:
+            self.save_pretrained(folder, selected_adapters)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload adapter",
+                commit_description=commit_description, revision=revision, create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        check_values: bool = True,
     ) -> "PeftModel":
-        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``."""
-        config, tensors = _read_adapter(model_id, is_trainable)
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
-        except Exception:
-            peft_model.unload()
-            raise
+        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
+        with _unchanged_on_error(model):
+            peft_model = cls(model, config, adapter_name)
+            try:
+                peft_model._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+            except BaseException:
+                peft_model.unload()
+                raise
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it."""
-        config, tensors = _read_adapter(model_id, is_trainable)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, check_values: bool = True
+    ) -> None:
+        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
+        with _unchanged_on_error(self):
+            self.add_adapter(adapter_name, config)
+            try:
+                self._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+            except BaseException:
+                self.delete_adapter(adapter_name)
+                raise
+
+    def check_mixed_batch(self, adapter_names: list[str]) -> None:
+        """Raise ValueError unless every named adapter can serve some rows of a batch while other rows run
+        other adapters (``forward(adapter_names=...)``). Each adapter decides for itself: a LoRA that trains
+        the base model's biases cannot, whatever other LoRAs can."""
+        for name in set(adapter_names) - {BASE}:
+            tuner = self._tuner(name)
+            if not tuner.mixed_batch:
+                raise ValueError(f"Adapter {name!r} ({type(tuner.config).__name__}) cannot share a batch with other adapters.")
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(module: nn.Module) -> Iterator[None]:
+    """If the block raises, put back what attaching an adapter changes besides the module tree: each
+    parameter's ``requires_grad`` and each submodule's training flag. (The tree and the weights are the
+    tuners' own promise: they build everything before they touch the model, and check before they write.)"""
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        raise
 
 
 def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -413,11 +545,16 @@ def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     return (), {**bound, **kwargs}
 
 
-def _read_adapter(path: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def _read_adapter(
+    path: str | os.PathLike, is_trainable: bool, check_values: bool = True
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     data = load_adapter_config(path)
     data["inference_mode"] = not is_trainable
     config = config_from_dict(data, source=str(Path(path) / "adapter_config.json"))
-    return config, load_adapter_tensors(path)
+    tensors = load_adapter_tensors(path)
+    if check_values:
+        check_adapter_values(tensors, path)
+    return config, tensors
 
 
 def _name_or_path(model: nn.Module) -> str | None:

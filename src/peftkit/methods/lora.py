@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import Conv1D, get_submodule, module_names
+from ..inject import Conv1D, check_regex, get_submodule, module_names
 from ..io.keys import HF_PREFIX
 from ..registry import Preset, register
 from .base import AdapterLayer, LayerTuner, ModuleCopy
@@ -118,14 +118,29 @@ class LoraConfig(PeftConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = module_names(list(self.modules_to_save), "LoraConfig: modules_to_save")
         for key, rank in self.rank_pattern.items():
+            check_regex(str(key), "LoraConfig: rank_pattern key")
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}.")
         for key, alpha in self.alpha_pattern.items():
+            check_regex(str(key), "LoraConfig: alpha_pattern key")
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a positive number, got {alpha!r}.")
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         return (_lookup(self.rank_pattern, module_path, self.r), _lookup(self.alpha_pattern, module_path, self.lora_alpha))
+
+
+def _layer_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """(input size, output size) of the matrix LoRA adapts: a Conv2d's input is a whole receptive field."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)  # stored (in, out)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+    return None
 
 
 def _lookup(patterns: dict, module_path: str, default):
@@ -354,6 +369,16 @@ class LoraTuner(LayerTuner):
     supported = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
     default_targets = LORA_DEFAULT_TARGETS
     mergeable = True
+
+    def check_layer(self, module: nn.Module, path: str) -> None:
+        r, _ = self.config.rank_and_alpha(path)
+        sizes = _layer_sizes(module)
+        if sizes is not None and r > min(sizes):
+            raise ValueError(
+                f"LoraConfig: r={r} is more than {path} ({type(module).__name__}, input {sizes[0]}, output {sizes[1]}) "
+                f"allows: B A has rank at most {min(sizes)}, the smaller size. Lower r, or give this layer its own rank "
+                "with rank_pattern."
+            )
 
     def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
         c = self.config

@@ -24,13 +24,16 @@ class TrainConfig:
     Args:
         model: A local Hugging Face model directory, a hub id (when online) or a catalogue name
             (``peftkit models list``).
-        data: Training data: a .jsonl, .json or .csv file (DialogSum fields by default, see ``format``).
+        data: Training data: a .jsonl, .json or .csv file, or a Hugging Face hub dataset ``org/name[:split]``
+            (online, with ``pip install peftkit[datasets]``; split ``train`` by default). Chat ``messages``,
+            ``prompt``/``completion`` and ``instruction``/``input``/``output`` rows are recognised; other
+            fields are named with --input-field/--target-field (DialogSum's by default), see ``format``.
         output: Directory for the adapter (or full model), tokenizer, logs and checkpoints.
         method: The PEFT method (``peftkit methods`` lists every name with its options and default learning rate).
         method_options: Settings of the method's own config, by peft's field names (``r``, ``lora_alpha``,
             ``target_modules``, ...): ``--r 16``, ``--set lora.r=16`` or a ``lora:`` mapping in YAML. Unset
             ones take the method's defaults.
-        format: Input/target fields, the prompt template, truncation.
+        format: The row layout, input/target fields, the prompt template, truncation.
         epochs: Passes over the data (fractions allowed); ignored when ``max_steps`` is set.
         max_steps: Optimizer steps to run; overrides ``epochs``.
         limit: Use only the first N training rows (quick experiments).
@@ -61,6 +64,9 @@ class TrainConfig:
         report_to: Experiment tracker the logged numbers also go to (through Accelerate): tensorboard (event
             files in OUTPUT/logs/), wandb or mlflow (configured by their environment variables), or none.
             auto: TensorBoard when it is installed, else none. loss_curve.png is written either way.
+        task: ``generate`` trains the model to write the target text; ``classify`` loads it with a new
+            classification head (one output per distinct target label) and trains the adapter and the head
+            (:mod:`peftkit.classify`).
     """
 
     model: str = DEFAULT_MODEL
@@ -93,6 +99,7 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     report_to: ReportTo = "auto"
+    task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
         # The method checks and converts its own options (a wrong name or value fails here, before any work).
@@ -115,7 +122,8 @@ class TrainConfig:
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
         for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
-                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none"))):
+                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
+                              ("task", ("generate", "classify"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
 
