@@ -76,7 +76,7 @@ def test_resolve_model(tmp_path, monkeypatch):
 
 
 def test_a_hub_id_reads_a_local_copy_when_offline(tmp_path, monkeypatch):
-    """--model HuggingFaceTB/SmolLM2-135M-Instruct (any org/name) uses a copy in the Hugging Face cache offline."""
+    """--model HuggingFaceTB/SmolLM2-135M-Instruct uses the original weights when the Hugging Face cache has them."""
     import shutil
 
     from huggingface_hub import constants

