@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from ..data import PromptFormat
 from ..evaluate import EvalConfig, GenerationSettings
+from ..evaluate.forgetting import ForgettingSettings
 from ..hub import DEFAULT_MODEL
 from ..options import build, coerce, field_types, read_yaml
 from ..presets import MethodOptions, get_preset, presets
@@ -84,6 +85,8 @@ class ExperimentConfig:
         latency_rows: Rows (the first ones of eval_data) generated one at a time to time each entry's
             latency per example; adapters that can merge are timed merged and unmerged. 0 skips it.
         example_rows: Rows of eval_data shown in report.md with every entry's prediction.
+        forgetting: Catastrophic forgetting: each entry's loss on held-out general text (BBC News articles)
+            and its zero-shot accuracy on an untrained task (their topics), against the base model's.
         threads: PyTorch CPU threads per entry (None: PyTorch's default). On a busy machine 1 can be faster.
         isolate: Run each entry in its own Python process: its peak memory is its own, and a crash (out of
             memory, a killed process) fails that entry only. Off: faster start, one process.
@@ -117,6 +120,7 @@ class ExperimentConfig:
     eval_batch_size: int = 16
     latency_rows: int = 8
     example_rows: int = 3
+    forgetting: ForgettingSettings = field(default_factory=ForgettingSettings)
     threads: int | None = None
     isolate: bool = True
     cpu: bool = False

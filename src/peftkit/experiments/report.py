@@ -53,6 +53,12 @@ REPORT_FIELDS: dict[str, str] = {
     "latency_new_tokens_per_example": "tokens generated per example in the latency runs",
     "latency_merged_s_per_example": "seconds per example with the adapter merged into the weights (null if it cannot merge)",
     "latency_merged_ms_per_token": "the same per generated token, in milliseconds",
+    "general_loss_base": "mean per-token loss of the base model before training on held-out general text (BBC News articles)",
+    "general_loss": "the same for this entry's model (adapter on); null when forgetting is not measured",
+    "forgetting": "general_loss minus general_loss_base, as PEFT's method comparison reports it: > 0 is forgetting",
+    "topic_accuracy_base": "zero-shot topic accuracy of the base model on news articles (a task no entry trains on)",
+    "topic_accuracy": "the same for this entry's model",
+    "topic_accuracy_delta": "topic_accuracy minus topic_accuracy_base: < 0 is forgetting",
     "entry_wall_time_s": "wall time of the entry's last run: training, evaluation and latency together",
     "run_dir": "the entry's folder, relative to the report",
 }
@@ -78,7 +84,7 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
 
 def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """One report object: the entry's result, its deltas against the baseline, its folder."""
-    row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback")}
+    row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback", "forgetting_settings")}
     for k in ROUGE_TYPES:
         ok = baseline is not None and result["status"] == "ok"
         row[f"{k}_delta"] = result[k] - baseline[k] if ok else None
@@ -127,6 +133,9 @@ def conclusion(methods: list[dict[str, Any]]) -> str:
             behind = [m["name"] for m in trained if m[HEADLINE] <= baseline[HEADLINE]]
             if behind:
                 parts.append(f"{_join(behind)} did not beat the baseline on {name}.")
+        measured = [m for m in trained if m.get("forgetting") is not None]
+        if measured:
+            parts.append(_forgetting_sentence(measured))
         merged = [m for m in ok if m.get("latency_merged_ms_per_token") and m.get("latency_ms_per_token")]
         if merged:
             m = max(merged, key=lambda m: m[HEADLINE])
@@ -136,6 +145,18 @@ def conclusion(methods: list[dict[str, Any]]) -> str:
     if failed:
         parts.append(f"{_join(failed)} failed (see report.json).")
     return " ".join(parts)
+
+
+def _forgetting_sentence(measured: list[dict[str, Any]]) -> str:
+    """Which entries forgot the least and the most (change of the general-text loss; > 0 is forgetting)."""
+    ranked = sorted(measured, key=lambda m: m["forgetting"])
+    each = ", ".join(f"{m['name']} {m['forgetting']:+.4f}" for m in ranked)
+    text = f"Forgetting (change of the mean per-token loss on held-out general text, > 0 is worse): {each}"
+    topic = [m for m in ranked if m.get("topic_accuracy_delta") is not None]
+    if topic:
+        text += ("; zero-shot topic accuracy on news articles (not trained) changed by "
+                 + ", ".join(f"{m['name']} {100 * m['topic_accuracy_delta']:+.1f}" for m in topic) + " points")
+    return text + "."
 
 
 def _efficient_vs_full(peft: dict[str, Any], full: dict[str, Any], baseline: dict[str, Any] | None) -> str:
@@ -177,6 +198,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"latency on {s['latency_rows']} rows generated one at a time. The entries took {_duration(report['entries_wall_time_s'])} "
         f"in all (training, evaluation and timing, each in its last run; this run: {_duration(report['wall_time_s'])}); "
         f"peftkit {report['peftkit_version']}, {report['created']}.",
+        _forgetting_setup(s["forgetting"]),
         "",
         table(report["methods"]),
         "",
@@ -199,9 +221,17 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _forgetting_setup(f: dict[str, Any]) -> str:
+    if not (f["general_texts"] or f["topic_rows"]):
+        return "Forgetting: not measured."
+    return (f"Forgetting: mean per-token loss on {f['general_texts']} held-out BBC News articles (first {f['general_tokens']} "
+            f"tokens each) and zero-shot topic accuracy on {f['topic_rows']} other articles (first {f['topic_tokens']} tokens, "
+            "label by likelihood), each entry against the base model before training.")
+
+
 def table(methods: list[dict[str, Any]]) -> str:
     head = ["method", "lr", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ΔROUGE-L vs baseline", "trainable params",
-            "trainable %", "peak train memory", "train time", "train tokens/s", "stored per task",
+            "trainable %", "forgetting (Δ general loss)", "Δ topic accuracy", "peak train memory", "train time", "train tokens/s", "stored per task",
             "latency / example (merged)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(head))) + "|"]
     for m in methods:
@@ -218,6 +248,8 @@ def table(methods: list[dict[str, Any]]) -> str:
             "-" if m["rougeL_delta"] is None or m["method"] == BASELINE else _signed(m["rougeL_delta"]),
             _count(m["trainable_params"]),
             f"{m['trainable_percent']:.3g}%",
+            "-" if m.get("forgetting") is None else f"{m['forgetting']:+.4f}",
+            "-" if m.get("topic_accuracy_delta") is None else f"{100 * m['topic_accuracy_delta']:+.1f} pts",
             "-" if m["peak_train_memory_mb"] is None else _size(m["peak_train_memory_mb"] * 2**20),
             "-" if m["train_time_s"] is None else _duration(m["train_time_s"]),
             "-" if m["train_tokens_per_s"] is None else f"{m['train_tokens_per_s']:.0f}",
