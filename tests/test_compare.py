@@ -13,6 +13,7 @@ from peftkit.data import PromptFormat
 from peftkit.evaluate.forgetting import ForgettingSettings
 from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build_experiment_config, run_experiment
 from peftkit.experiments import worker as worker_module
+from peftkit.experiments.report import rank_choice, rank_choice_sentence
 from peftkit.experiments.runner import _execute, entry_spec, file_identity
 from peftkit.presets import get_preset
 from peftkit.train import loop as loop_module
@@ -265,10 +266,36 @@ def test_sweep_command_line(work, tmp_path, capsys):
     code = main(["sweep", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
                  "--output", str(tmp_path), "--ranks", "1,2", "--no-baseline", "--max-steps", "1", "--eval-limit", "2",
                  "--max-new-tokens", "2", "--latency-rows", "0", "--example-rows", "0", "--precision", "fp32",
-                 "--no-isolate", "--max-source-tokens", "48", *OFF_FLAGS])
+                 "--no-isolate", "--max-source-tokens", "48", *OFF_FLAGS, "--auto", "--tolerance", "100"])
     assert code == 0
-    assert [m["name"] for m in report_of(tmp_path)["methods"]] == ["lora-r1", "lora-r2"]
-    assert "| lora-r2 |" in capsys.readouterr().out
+    report = report_of(tmp_path)
+    assert [m["name"] for m in report["methods"]] == ["lora-r1", "lora-r2"]
+    # Every rank is within 100 points of the best: the smallest is chosen.
+    assert report["rank_choice"]["chosen"] == "lora-r1" and report["rank_choice"]["tolerance"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| lora-r2 |" in printed and "Rank chosen: r = 1 (lora-r1" in printed
+    assert "Rank chosen: r = 1" in (tmp_path / "report.md").read_text()
+
+
+def test_rank_choice_is_the_cheapest_rank_within_the_tolerance_of_the_best():
+    def row(rank, score, params, **kw):
+        return {"name": f"lora-r{rank}", "method": "lora", "status": "ok", "method_options": {"rank": rank}, "rougeL": score,
+                "trainable_params": params, "stored_bytes": 4 * params, "train_time_s": rank / 10, "forgetting": rank / 1000,
+                "run_dir": f"runs/lora-r{rank}", **kw}
+
+    rows = [{"name": "baseline", "method": "baseline", "status": "ok", "method_options": {}, "rougeL": 0.5},
+            row(2, 0.300, 100), row(4, 0.331, 200), row(8, 0.335, 400), row(16, 0.340, 800),
+            {"name": "lora-r32", "method": "lora", "status": "failed"}]
+    choice = rank_choice(rows, tolerance=0.01)
+    assert (choice["chosen"], choice["best"]) == ("lora-r4", "lora-r16")  # 0.331 >= 0.340 - 0.01; 0.300 is not
+    assert choice["params_saved"] == 600 and choice["params_fraction"] == 0.25 and choice["stored_bytes_saved"] == 2400
+    assert choice["train_time_saved_s"] == pytest.approx(1.2) and choice["chosen_adapter"] == "runs/lora-r4/train"
+    assert (choice["forgetting_chosen"], choice["forgetting_best"]) == (0.004, 0.016)
+    assert "within 1 point of the best, r = 16" in rank_choice_sentence(choice)
+    assert rank_choice(rows, tolerance=0.0)["chosen"] == "lora-r16"
+    assert "the best, and no smaller rank" in rank_choice_sentence(rank_choice(rows, tolerance=0.0))
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        SweepConfig(tolerance=-1)
 
 
 # --- settings that are refused before anything runs --------------------------------------------------

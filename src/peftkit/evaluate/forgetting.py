@@ -48,10 +48,10 @@ class ForgettingSettings:
         topic_tokens: Tokens of each article shown before the topic question.
     """
 
-    general_texts: int = 16
+    general_texts: int = 12
     general_tokens: int = 256
     topic_rows: int = 25
-    topic_tokens: int = 128
+    topic_tokens: int = 96
 
     def __post_init__(self) -> None:
         for name in ("general_texts", "topic_rows"):
@@ -117,8 +117,9 @@ def mean_token_loss(model, tokenizer, texts: list[str], max_tokens: int, batch_s
             targets = labels
         else:
             input_ids = _pad(ids, tokenizer.pad_token_id).to(device)
-            logits = model(input_ids=input_ids, attention_mask=(labels != -100).long()).logits[:, :-1]
-            targets = labels[:, 1:]  # position t predicts token t + 1
+            logits = model(input_ids=input_ids, attention_mask=(labels != -100).long()).logits
+            # position t predicts token t + 1; soft prompts put virtual positions first: keep the last ones
+            logits, targets = logits[:, -labels.shape[1]:-1], labels[:, 1:]
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=-100, reduction="sum")
         total += losses.item()
@@ -130,7 +131,11 @@ def mean_token_loss(model, tokenizer, texts: list[str], max_tokens: int, batch_s
 
 @torch.no_grad()
 def topic_accuracy(model, tokenizer, rows: list[tuple[str, str]], max_tokens: int) -> float:
-    """Zero-shot accuracy: for each ``(article, topic)``, is ``topic`` the label the model finds most likely?"""
+    """Zero-shot accuracy: for each ``(article, topic)``, is ``topic`` the label the model finds most likely?
+
+    A label's score is the sum of its tokens' log-probabilities after the prompt. Causal LMs run the prompt
+    once for every label's first token, plus one row per multi-token label for the rest.
+    """
     device = next(model.parameters()).device
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     labels = sorted({topic for _, topic in rows})
@@ -142,19 +147,22 @@ def topic_accuracy(model, tokenizer, rows: list[tuple[str, str]], max_tokens: in
         if seq2seq:
             source = torch.tensor([prompt] * len(labels), device=device)
             targets = _pad(label_ids, -100).to(device)
-            logits = model(input_ids=source, attention_mask=torch.ones_like(source), labels=targets).logits
+            log_probs = torch.log_softmax(model(input_ids=source, attention_mask=torch.ones_like(source),
+                                                labels=targets).logits.float(), dim=-1)
+            scores = [sum(log_probs[i, j, t].item() for j, t in enumerate(ids)) for i, ids in enumerate(label_ids)]
         else:
             if prompt and prompt[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id != tokenizer.bos_token_id:
                 prompt = prompt[:-1]  # a tokenizer that closes every text would put EOS before the label
-            sequences = [prompt + ids for ids in label_ids]
-            input_ids = _pad(sequences, tokenizer.pad_token_id).to(device)
-            mask = _pad([[1] * len(s) for s in sequences], 0).to(device)
-            targets = _pad([[-100] * len(prompt) + ids for ids in label_ids], -100).to(device)[:, 1:]
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * (targets != -100)).sum(-1)  # (labels,)
-        correct += labels[int(scores.argmax())] == topic
+            inputs = list(dict.fromkeys(tuple(prompt + ids[:-1]) for ids in label_ids))  # one-token labels share one
+            input_ids = _pad([list(x) for x in inputs], tokenizer.pad_token_id).to(device)
+            mask = _pad([[1] * len(x) for x in inputs], 0).to(device)
+            width = input_ids.shape[1]  # soft prompts put virtual positions first: keep the last `width`
+            log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, -width:].float(), dim=-1)
+            scores = []
+            for ids in label_ids:
+                row = inputs.index(tuple(prompt + ids[:-1]))
+                scores.append(sum(log_probs[row, len(prompt) - 1 + j, t].item() for j, t in enumerate(ids)))
+        correct += labels[max(range(len(labels)), key=scores.__getitem__)] == topic
     return correct / len(rows)
 
 

@@ -278,15 +278,23 @@ class SweepConfig(ExperimentConfig):
         target_module_sets: Several sets of modules to adapt, each swept over every rank: sets separated by
             commas, modules within a set by '+', e.g. q_proj+v_proj,all-linear (None: the method's default).
         baseline: Also evaluate the frozen base model zero-shot, the reference for every gain.
+        auto: Choose the rank for you: report the cheapest entry (fewest trainable parameters, so the
+            smallest rank) whose ROUGE-L is within --tolerance of the best, and what it saves against the best.
+        tolerance: How far below the best ROUGE-L (in points, x 100) the chosen rank may score. Differences
+            of about a point are noise on a few dozen evaluation rows: set it to what your evaluation can tell apart.
     """
 
     method: str = "lora"
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     target_module_sets: list[str] | None = None
     baseline: bool = True
+    auto: bool = False
+    tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 ROUGE-L points, got {self.tolerance!r}.")
         self.entries()
 
     def entries(self) -> list[Entry]:

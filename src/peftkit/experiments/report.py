@@ -69,6 +69,7 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
     """``report.json``'s content: settings, one object per entry (with deltas), the conclusion, examples."""
     baseline = next((r for r in results if r["method"] == BASELINE and r["status"] == "ok"), None)
     methods = [method_row(r, baseline) for r in results]
+    choice = rank_choice(methods, cfg.tolerance / 100) if getattr(cfg, "auto", False) else None
     return {
         "kind": kind,
         "peftkit_version": __version__,
@@ -78,8 +79,61 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
         "settings": {**dataclasses.asdict(cfg), "entries": [e.name for e in entries]},
         "methods": methods,
         "conclusion": conclusion(methods),
+        **({"rank_choice": choice} if choice is not None else {}),
         "examples": examples(cfg, methods),
     }
+
+
+def rank_choice(methods: list[dict[str, Any]], tolerance: float) -> dict[str, Any] | None:
+    """``sweep --auto``: the cheapest finished entry (fewest trainable parameters, then smallest rank) whose
+    ROUGE-L is at least the best one's minus ``tolerance`` (a fraction), and what it saves against the best."""
+    ranked = [m for m in methods if m["status"] == "ok" and m["method"] != BASELINE and "rank" in m["method_options"]]
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda m: (m[HEADLINE], -m["trainable_params"]))
+    within = [m for m in ranked if m[HEADLINE] >= best[HEADLINE] - tolerance - 1e-12]
+    chosen = min(within, key=lambda m: (m["trainable_params"], m["method_options"]["rank"]))
+
+    def saved(key: str) -> float | None:
+        return None if best.get(key) is None or chosen.get(key) is None else best[key] - chosen[key]
+
+    return {
+        "metric": HEADLINE,
+        "tolerance": tolerance,
+        "chosen": chosen["name"],
+        "chosen_rank": chosen["method_options"]["rank"],
+        "chosen_score": chosen[HEADLINE],
+        "chosen_adapter": f"{chosen['run_dir']}/train",
+        "best": best["name"],
+        "best_rank": best["method_options"]["rank"],
+        "best_score": best[HEADLINE],
+        "params_saved": best["trainable_params"] - chosen["trainable_params"],
+        "params_fraction": chosen["trainable_params"] / best["trainable_params"],
+        "stored_bytes_saved": saved("stored_bytes"),
+        "train_time_saved_s": saved("train_time_s"),
+        "forgetting_chosen": chosen.get("forgetting"),
+        "forgetting_best": best.get("forgetting"),
+    }
+
+
+def rank_choice_sentence(choice: dict[str, Any]) -> str:
+    name = ROUGE_NAMES[choice["metric"]]
+    points = 100 * choice["tolerance"]
+    tolerance = f"{points:.2g} point{'' if points == 1 else 's'}"
+    if choice["chosen"] == choice["best"]:
+        return (f"Rank chosen: r = {choice['chosen_rank']} ({choice['chosen']}, {name} {_points(choice['chosen_score'])}): "
+                f"the best, and no smaller rank comes within {tolerance} of it. Adapter: {choice['chosen_adapter']}.")
+    text = (f"Rank chosen: r = {choice['chosen_rank']} ({choice['chosen']}, {name} {_points(choice['chosen_score'])}), within "
+            f"{tolerance} of the best, r = {choice['best_rank']} ({choice['best']}, {_points(choice['best_score'])}); it trains "
+            f"{100 * choice['params_fraction']:.3g}% of the best's parameters ({_count(choice['params_saved'])} fewer)")
+    if choice["stored_bytes_saved"] is not None:
+        text += f", stores {_size(choice['stored_bytes_saved'])} less per task"
+    if choice["train_time_saved_s"] is not None:
+        more = choice["train_time_saved_s"] < 0
+        text += f" and trained in {_duration(abs(choice['train_time_saved_s']))} {'more' if more else 'less'} time (one noisy run)"
+    if choice["forgetting_chosen"] is not None and choice["forgetting_best"] is not None:
+        text += f"; forgetting {choice['forgetting_chosen']:+.4f} against {choice['forgetting_best']:+.4f}"
+    return text + f". Adapter: {choice['chosen_adapter']}."
 
 
 def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
@@ -205,6 +259,8 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"**Conclusion.** {report['conclusion']}",
         "",
     ]
+    if report.get("rank_choice"):
+        lines += [f"**{rank_choice_sentence(report['rank_choice'])}**", ""]
     for m in report["methods"]:
         if m["status"] != "ok":
             lines += [f"- **{m['name']} failed:** `{m['error']}`", ""]
