@@ -53,7 +53,7 @@ EXPECTED = {
 def adapter_layers(model: PeftModel, name: str = "default") -> Counter:
     """Counter of (module path with the block index as N, "adapter" | "tap") over the adapter's layers."""
     found = Counter()
-    for path, host in hosts(model.base_model):
+    for path, host in hosts(model.get_base_model()):
         if name in host.adapters:
             kind = "tap" if isinstance(host.adapters[name], FeedForwardInputTap) else "adapter"
             found[(re.sub(r"\.\d+\.", ".N.", path, count=1), kind)] += 1
@@ -88,7 +88,7 @@ def test_a_fresh_adapter_changes_no_output_bit(arch, placement):
     reference = output(build(arch), batch)
     model = get_peft_model(build(arch), BottleneckConfig(bottleneck_size=8, placement=placement))
     assert torch.equal(output(model, batch), reference)
-    layers = [h.adapters["default"] for _, h in hosts(model.base_model) if isinstance(h.adapters["default"], BottleneckLayer)]
+    layers = [h.adapters["default"] for _, h in hosts(model.get_base_model()) if isinstance(h.adapters["default"], BottleneckLayer)]
     assert layers and all(not l.adapter_up.weight.any() and not l.adapter_up.bias.any() for l in layers)
     assert all(l.adapter_down.weight.abs().sum() > 0 for l in layers), "a zero down-projection would get no gradient"
 
@@ -100,7 +100,7 @@ def test_llama_mlp_output_follows_the_formula(placement):
         build("llama"), BottleneckConfig(bottleneck_size=8, placement=placement, non_linearity="tanh", scaling=2.0)
     )
     randomize(model)
-    host = model.base_model.model.layers[1].mlp
+    host = model.base_model.model.model.layers[1].mlp
     seen = {}
     host.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
     output(model, inputs("llama"))
@@ -117,7 +117,7 @@ def test_parallel_adapter_on_a_two_module_ffn_reads_the_ffn_input(arch, first, l
     module and adds to the output of its last, ``ffn(x) + g(x)``."""
     model = get_peft_model(build(arch), BottleneckConfig(bottleneck_size=8, placement="parallel", non_linearity="silu"))
     randomize(model)
-    block = dict(model.base_model.named_modules())["model.encoder.layers.1" if arch == "bart" else "encoder.layer.1"]
+    block = dict(model.get_base_model().named_modules())["model.encoder.layers.1" if arch == "bart" else "encoder.layer.1"]
     first_host, last_host = block.get_submodule(first), block.get_submodule(last)
     seen = {}
     first_host.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
@@ -133,7 +133,7 @@ def test_parallel_adapter_on_a_two_module_ffn_reads_the_ffn_input(arch, first, l
 @pytest.mark.parametrize("name,fn", [("relu", F.relu), ("gelu", F.gelu), ("silu", F.silu), ("tanh", torch.tanh)])
 def test_non_linearities(name, fn):
     model = get_peft_model(build("gpt2"), BottleneckConfig(bottleneck_size=8, non_linearity=name))
-    layer = model.base_model.transformer.h[0].mlp.adapters["default"]
+    layer = model.base_model.model.transformer.h[0].mlp.adapters["default"]
     z = torch.linspace(-3, 3, 61)
     assert torch.equal(layer.act(z), fn(z))
 
@@ -144,7 +144,7 @@ def test_scaling_multiplies_the_adapter_output():
     for scaling in (1.0, 3.0):
         model = get_peft_model(build("llama"), BottleneckConfig(bottleneck_size=8, scaling=scaling))
         randomize(model)  # same seed: same weights in both models
-        deltas.append(model.base_model.model.layers[0].mlp.adapters["default"].delta(z))
+        deltas.append(model.base_model.model.model.layers[0].mlp.adapters["default"].delta(z))
     assert deltas[0].abs().sum() > 0
     torch.testing.assert_close(deltas[1], 3.0 * deltas[0], rtol=1e-6, atol=1e-6)
 
@@ -238,7 +238,7 @@ def test_an_unknown_architecture_needs_target_modules_and_is_told_what_exists():
     x = torch.randn(3, 16)
     reference = model(x)
     peft_model = get_peft_model(model, BottleneckConfig(bottleneck_size=4, target_modules=["ffn"]))
-    assert [p for p, _ in hosts(peft_model.base_model)] == ["blocks.0.ffn", "blocks.1.ffn"]
+    assert [p for p, _ in hosts(peft_model.get_base_model())] == ["blocks.0.ffn", "blocks.1.ffn"]
     assert torch.equal(peft_model(x), reference)
 
 

@@ -146,8 +146,8 @@ def test_bf16_generation_stays_close_to_fp32(tmp_path):
             plain_autocast = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
             cast_linear_weights_to_bf16(model)
             fast = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-    assert model.base_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.allclose(fast, plain_autocast, atol=1e-5)
     assert (fp32 - fast).abs().max() < 0.05 and not torch.equal(fp32, fast)
 

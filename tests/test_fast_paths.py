@@ -34,7 +34,7 @@ def lora_layers(model):
 def test_folded_generation_equals_the_unmerged_forward(arch):
     model = get_peft_model(build(arch), LoraConfig(r=4, init_lora_weights=False)).eval()
     batch = inputs(arch)
-    base_before = {n: p.clone() for n, p in model.base_model.named_parameters() if ".adapters." not in n}
+    base_before = {n: p.clone() for n, p in model.get_base_model().named_parameters() if ".adapters." not in n}
     with torch.no_grad():
         unmerged = model(input_ids=batch["input_ids"]).logits
         with model._tuners["default"].generation():
@@ -47,7 +47,7 @@ def test_folded_generation_equals_the_unmerged_forward(arch):
     plain = model.generate(input_ids=batch["input_ids"], fold_adapter=False, **GREEDY)
     assert torch.equal(fast, plain)
     assert all(layer.folded is None for layer in lora_layers(model))
-    for n, p in model.base_model.named_parameters():
+    for n, p in model.get_base_model().named_parameters():
         if n in base_before:
             assert torch.equal(p, base_before[n]), n
 
@@ -161,7 +161,7 @@ def test_mixed_generate_equals_peft_adapter_names():
                 for name in names:
                     if f".{tensor}.{name}." in key:
                         layer = key.split(f".{tensor}.")[0].removeprefix("base_model.model.")
-                        p.copy_(mine[f"base_model.{layer}.adapters.{name}.{tensor}.weight"])
+                        p.copy_(mine[f"base_model.model.{layer}.adapters.{name}.{tensor}.weight"])
     rows = names + ["__base__", "t2"]
     batch = inputs("llama", batch=len(rows))
     with torch.no_grad():
@@ -176,14 +176,14 @@ def test_bf16_weights_give_a_tied_output_head_its_own_copy():
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     model = get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), LoraConfig(r=4, init_lora_weights=False)).eval()
-    assert model.lm_head.weight is model.base_model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.base_model.model.model.embed_tokens.weight
     ids = inputs("llama")["input_ids"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(input_ids=ids).logits.float()
         cast_linear_weights_to_bf16(model)
         got = model(input_ids=ids).logits.float()
     assert model.lm_head.weight.dtype == torch.bfloat16
-    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -232,7 +232,7 @@ def test_bf16_frozen_weights_keep_tied_embeddings_fp32():
     want_loss, want_grads = _bf16_step(model, batch)
     store_frozen_linear_weights_in_bf16(model)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    assert model.base_model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
     got_loss, got_grads = _bf16_step(model, batch)
     assert torch.equal(got_loss, want_loss)
     assert all(torch.equal(got_grads[n], want_grads[n]) for n in want_grads)

@@ -62,7 +62,7 @@ def test_unload_and_disable_work_until_a_weight_changes_then_refuse():
     assert torch.equal(output(model, batch), trained)
 
     plain = model.merge_and_unload()
-    assert plain is model.base_model and type(plain).__name__ == "LlamaForCausalLM"
+    assert plain is model.base_model.model and type(plain).__name__ == "LlamaForCausalLM"
     assert torch.equal(output(plain, batch), trained)
 
 

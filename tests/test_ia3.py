@@ -66,15 +66,15 @@ def test_merged_weights_match_peft(arch, tmp_path):
 
 def test_vectors_scale_the_output_of_keys_and_the_input_of_the_feed_forward_layer():
     model = get_peft_model(build("llama"), IA3Config())
-    mlp = model.base_model.model.layers[0].mlp
-    down, k_proj = mlp.down_proj.adapters["default"], model.base_model.model.layers[0].self_attn.k_proj.adapters["default"]
+    mlp = model.base_model.model.model.layers[0].mlp
+    down, k_proj = mlp.down_proj.adapters["default"], model.base_model.model.model.layers[0].self_attn.k_proj.adapters["default"]
     assert down.ia3_l.shape == (1, 64) and k_proj.ia3_l.shape == (16, 1)  # (1, in) and (out, 1)
     nudge(model)
     x = torch.randn(2, 3, 64)
     base = mlp.down_proj.base_layer
     torch.testing.assert_close(mlp.down_proj(x), base(x * down.ia3_l.flatten()))
     x = torch.randn(2, 3, 32)
-    host = model.base_model.model.layers[0].self_attn.k_proj
+    host = model.base_model.model.model.layers[0].self_attn.k_proj
     torch.testing.assert_close(host(x), host.base_layer(x) * k_proj.ia3_l.flatten())
 
 
@@ -104,7 +104,7 @@ def test_unknown_architecture_needs_feedforward_modules():
     with pytest.raises(ValueError, match="set feedforward_modules"):
         get_peft_model(model, IA3Config(target_modules=["0", "2"]))
     peft_model_ = get_peft_model(model, IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
-    assert peft_model_.base_model[2].adapters["default"].ia3_l.shape == (1, 4)
+    assert peft_model_.get_base_model()[2].adapters["default"].ia3_l.shape == (1, 4)
 
 
 def test_non_linear_targets_are_refused_with_the_supported_types():
@@ -116,7 +116,7 @@ def test_unmerge_refuses_when_a_scale_is_zero_and_leaves_the_model_merged():
     model = get_peft_model(build("llama"), IA3Config())
     nudge(model)
     with torch.no_grad():
-        model.base_model.model.layers[1].self_attn.v_proj.adapters["default"].ia3_l[3, 0] = 0.0
+        model.base_model.model.model.layers[1].self_attn.v_proj.adapters["default"].ia3_l[3, 0] = 0.0
     batch = inputs("llama")
     model.merge_adapter()
     merged = output(model, batch)

@@ -44,7 +44,7 @@ def test_config_defaults_match_the_issue():
 # --- the seed's worked example ---------------------------------------------------------------------
 def test_seed_example_512_by_64_weight_rank_8_trains_4608_parameters(capsys):
     model = get_peft_model(nn.Sequential(nn.Linear(64, 512, bias=False)), LoraConfig(r=8, target_modules=["0"]))
-    layer = model.base_model[0].adapters["default"]
+    layer = model.get_base_model()[0].adapters["default"]
     assert tuple(layer.lora_A.weight.shape) == (8, 64)  # A: r x k
     assert tuple(layer.lora_B.weight.shape) == (512, 8)  # B: d x r
     trainable, total = model.get_nb_trainable_parameters()
@@ -62,7 +62,7 @@ def test_forward_is_w_x_plus_scaled_b_a_x():
     torch.manual_seed(0)
     base = nn.Linear(16, 24)
     model = get_peft_model(nn.Sequential(base), LoraConfig(r=4, lora_alpha=12, target_modules=["0"], init_lora_weights=False))
-    layer = model.base_model[0].adapters["default"]
+    layer = model.get_base_model()[0].adapters["default"]
     x = torch.randn(3, 16)
     expected = base(x) + (12 / 4) * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(model(x), expected)
@@ -71,25 +71,25 @@ def test_forward_is_w_x_plus_scaled_b_a_x():
 
 def test_rslora_scales_by_alpha_over_sqrt_r():
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["0"]))
-    assert model.base_model[0].adapters["default"].scaling == pytest.approx(8 / math.sqrt(16))
+    assert model.get_base_model()[0].adapters["default"].scaling == pytest.approx(8 / math.sqrt(16))
 
 
 def test_default_init_kaiming_a_zero_b_and_gaussian_init():
     torch.manual_seed(0)
-    layer = get_peft_model(nn.Sequential(nn.Linear(256, 64)), LoraConfig(r=8, target_modules=["0"])).base_model[0].adapters["default"]
+    layer = get_peft_model(nn.Sequential(nn.Linear(256, 64)), LoraConfig(r=8, target_modules=["0"])).get_base_model()[0].adapters["default"]
     assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
     bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) on a (8, 256) weight
     assert layer.lora_A.weight.abs().max() <= bound
     torch.manual_seed(0)
     g = get_peft_model(nn.Sequential(nn.Linear(256, 64)), LoraConfig(r=8, target_modules=["0"], init_lora_weights="gaussian"))
-    a = g.base_model[0].adapters["default"].lora_A.weight
-    assert torch.count_nonzero(g.base_model[0].adapters["default"].lora_B.weight) == 0
+    a = g.get_base_model()[0].adapters["default"].lora_A.weight
+    assert torch.count_nonzero(g.get_base_model()[0].adapters["default"].lora_B.weight) == 0
     assert a.std().item() == pytest.approx(1 / 8, rel=0.1)
 
 
 def test_dropout_is_identity_when_zero_and_active_only_in_training():
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(target_modules=["0"], lora_dropout=0.0))
-    assert isinstance(model.base_model[0].adapters["default"].lora_dropout, nn.Identity)
+    assert isinstance(model.get_base_model()[0].adapters["default"].lora_dropout, nn.Identity)
     model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(target_modules=["0"], lora_dropout=0.5, init_lora_weights=False))
     x = torch.randn(4, 8)
     model.eval()
@@ -157,7 +157,7 @@ def test_gpt2_conv1d_uses_transposed_weights_and_merges_exactly():
     model = get_peft_model(build("gpt2"), LoraConfig(r=4, init_lora_weights=False))
     layer = dict(model._tuners["default"].layers())["transformer.h.0.attn.c_attn"]
     assert isinstance(layer, LoraLinear) and layer.fan_in_fan_out
-    host = model.base_model.transformer.h[0].attn.c_attn
+    host = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(host.base_layer, Conv1D)
     assert layer.delta_weight().shape == host.base_layer.weight.shape == (32, 96)
     batch = inputs("gpt2")
@@ -212,14 +212,14 @@ def test_lora_works_on_any_torch_module():
     loss = model(x).pow(2).sum()
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert grads == {"base_model.encoder.adapters.default.lora_A.weight", "base_model.encoder.adapters.default.lora_B.weight"}
+    assert grads == {"base_model.model.encoder.adapters.default.lora_A.weight", "base_model.model.encoder.adapters.default.lora_B.weight"}
 
 
 # --- bias and modules_to_save ----------------------------------------------------------------------
 def test_bias_lora_only_trains_biases_of_adapted_layers_and_saves_them(tmp_path):
     model = get_peft_model(build("gpt2"), LoraConfig(bias="lora_only"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "base_model.transformer.h.0.attn.c_attn.base_layer.bias" in names
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in names
     assert not any("c_proj.bias" in n for n in names)
     keys = set(model._tuners["default"].state_dict())
     assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
@@ -227,8 +227,8 @@ def test_bias_lora_only_trains_biases_of_adapted_layers_and_saves_them(tmp_path)
 
 def test_bias_all_trains_every_bias():
     model = get_peft_model(build("gpt2"), LoraConfig(bias="all"))
-    biases = {n for n, _ in model.base_model.named_parameters() if n.endswith(".bias") and ".adapters." not in n}
-    trainable = {n.removeprefix("base_model.") for n, p in model.named_parameters() if p.requires_grad}
+    biases = {n for n, _ in model.get_base_model().named_parameters() if n.endswith(".bias") and ".adapters." not in n}
+    trainable = {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad}
     assert biases <= trainable
 
 
@@ -237,7 +237,7 @@ def test_modules_to_save_trains_a_copy_and_merges_into_the_original():
     model = get_peft_model(build("llama"), LoraConfig(r=4, modules_to_save=["lm_head"]))
     head_copy = dict(model._tuners["default"].layers())["lm_head"].module
     assert head_copy.weight.requires_grad
-    assert not model.base_model.lm_head.base_layer.weight.requires_grad
+    assert not model.base_model.model.lm_head.base_layer.weight.requires_grad
     with torch.no_grad():
         head_copy.weight.add_(0.1)
     changed = output(model, batch)

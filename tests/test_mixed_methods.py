@@ -91,7 +91,7 @@ def test_deleting_one_method_releases_only_its_layers():
     batch = inputs("llama")
     lora_out = output(model, batch)
     model.delete_adapter("ia3")
-    layer0 = model.base_model.model.layers[0]
+    layer0 = model.base_model.model.model.layers[0]
     assert type(layer0.mlp.down_proj) is torch.nn.Linear and type(layer0.self_attn.k_proj) is torch.nn.Linear
     assert isinstance(layer0.self_attn.v_proj, AdapterHost) and set(layer0.self_attn.v_proj.adapters) == {"default", "dora"}
     torch.testing.assert_close(output(model, batch), lora_out, rtol=0, atol=0)

@@ -77,10 +77,10 @@ def test_delete_adapter_removes_its_layers_and_empty_hosts():
     model = two_adapters()
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"]
-    k_proj = model.base_model.model.layers[0].self_attn.k_proj
+    k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
     assert not isinstance(k_proj, AdapterHost)  # only "other" adapted k_proj
     model.delete_adapter("default")
-    assert not any(isinstance(m, AdapterHost) for m in model.base_model.modules())
+    assert not any(isinstance(m, AdapterHost) for m in model.get_base_model().modules())
     assert model.active_adapter is None
 
 
@@ -167,7 +167,18 @@ def test_attributes_fall_through_to_the_base_model():
     model = get_peft_model(build("llama"), LoraConfig())
     assert model.config.model_type == "llama"
     assert model.device.type == "cpu"
-    assert model.get_base_model() is model.base_model
+    assert model.get_base_model() is model.base_model.model
+
+
+def test_base_model_is_layered_as_in_peft():
+    """Code written for peft reaches the transformers model as ``base_model.model`` and calls ``base_model(...)``."""
+    model = get_peft_model(build("llama"), LoraConfig(init_lora_weights=False))
+    assert type(model.base_model.model).__name__ == "LlamaForCausalLM"
+    assert model.base_model.config is model.config  # attributes fall through every layer
+    batch = inputs("llama")
+    torch.testing.assert_close(model.base_model(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    names = [n for n, _ in model.named_parameters()]
+    assert names and all(n.startswith("base_model.model.model.") or n.startswith("base_model.model.lm_head.") for n in names)
 
 
 def test_wrapping_a_peft_model_twice_is_refused():
@@ -188,7 +199,7 @@ def test_batched_mixed_lora_kernel_equals_the_per_group_loop_and_sees_weight_upd
         slow = model(**batch, adapter_names=names).logits.detach()  # per-group loop
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
-    layer = model.base_model.model.layers[0].self_attn.q_proj.adapters["a3"]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["a3"]
     with torch.no_grad():
         layer.lora_B.weight.add_(1.0)  # the cached stack must notice
         updated = model(**batch, adapter_names=names).logits

@@ -16,7 +16,7 @@ from peftkit.presets import MethodOptions, build_config
 
 def selected(model) -> list[str]:
     """Names (in the base model) of the parameters that train."""
-    return [n.removeprefix("base_model.") for n, p in model.named_parameters() if p.requires_grad]
+    return [n.removeprefix("base_model.model.") for n, p in model.named_parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bart", "bert"])
@@ -111,7 +111,7 @@ def test_a_file_for_another_selection_is_refused(tmp_path):
 def test_merge_and_unload_keeps_the_trained_values_unload_restores_the_originals():
     model = get_peft_model(build("bert"), SelectiveConfig(patterns=NORM_PATTERNS))
     nudge(model)
-    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     plain = model.merge_and_unload()
     assert all(torch.equal(plain.get_parameter(n), t) for n, t in trained.items())
     assert all(p.requires_grad for p in plain.parameters())

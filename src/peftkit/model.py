@@ -43,6 +43,31 @@ def infer_task_type(model: nn.Module) -> str | None:
     return "FEATURE_EXTRACTION"
 
 
+class TunerModel(nn.Module):
+    """``PeftModel.base_model``: a thin layer that holds the transformers model as ``.model``.
+
+    This is ``peft``'s layering (there ``base_model`` is the ``LoraModel``, ``IA3Model``, ...): code written
+    for ``peft`` reaches the transformers model as ``peft_model.base_model.model``, and every parameter of a
+    PeftModel is named ``base_model.model.<module path>...``, the prefix of the PEFT file format. Calling it
+    runs the model with the adapters in its layers; attributes it does not have come from the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
 class PeftModel(nn.Module):
     """A model whose base weights are frozen and whose named adapters can be trained, switched,
     merged, saved and loaded.
@@ -57,7 +82,7 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use add_adapter() to give it another adapter.")
-        self.base_model = model
+        self.base_model = TunerModel(model)
         self.routing = Routing()
         self.peft_config: dict[str, PeftConfig] = {}
         self._tuners: dict[str, Tuner] = {}
@@ -69,6 +94,7 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
+    # (``base_model`` is the TunerModel layer, ``get_base_model()`` the transformers model, as in ``peft``.)
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -112,7 +138,7 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
         # New adapter modules start in training mode (torch's default); follow the base model's mode so
         # that, e.g., an adapter loaded onto a model in eval mode has its dropout off.
-        self.train(self.base_model.training)
+        self.train(self.get_base_model().training)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the adapter that runs (and trains, unless loaded for inference)."""
@@ -166,6 +192,14 @@ class PeftModel(nn.Module):
         except KeyError:
             raise KeyError(f"No adapter named {adapter_name!r}; this model has {list(self._tuners)}.") from None
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any) -> None:
+        """Add ``adapter_name``: LoRA ``adapters`` combined with ``weights`` (``combination_type`` ``"svd"``,
+        ``"linear"``, ``"cat"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``, ...),
+        as in ``peft``. See :func:`peftkit.methods.lora_combine.add_weighted_adapter` for the options and math."""
+        from .methods.lora_combine import add_weighted_adapter  # the methods import this module
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
     # --- merging ----------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         """Fold the active adapter into the base weights (no added latency). Calling it twice is a no-op."""
@@ -201,19 +235,20 @@ class PeftModel(nn.Module):
         self._tuners.clear()
         self.peft_config.clear()
         self.routing.active, self._merged, self._trainable_adapter = None, None, None
-        for n, p in self.base_model.named_parameters():
+        for n, p in self.get_base_model().named_parameters():
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
-        return self.base_model
+        return self.get_base_model()
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The model the adapters are attached to (the transformers model); ``base_model.model`` in ``peft``."""
+        return self.base_model.model
 
     # --- running ----------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with the active adapter, or with ``adapter_names[i]`` for row ``i``
         (``"__base__"`` for no adapter)."""
         with self._rows(adapter_names):
-            args, kwargs = self._prepare_inputs(self.base_model.forward, args, kwargs, for_generate=False)
+            args, kwargs = self._prepare_inputs(self.get_base_model().forward, args, kwargs, for_generate=False)
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, fold_adapter: bool = True, **kwargs: Any) -> Any:
@@ -224,8 +259,8 @@ class PeftModel(nn.Module):
         weight, freed on return). ``False`` saves that memory and runs the adapter unmerged.
         """
         with self._rows(adapter_names), self._generation(fold_adapter and adapter_names is None):
-            args, kwargs = self._prepare_inputs(self.base_model.generate, args, kwargs, for_generate=True)
-            return self.base_model.generate(*args, **kwargs)
+            args, kwargs = self._prepare_inputs(self.get_base_model().generate, args, kwargs, for_generate=True)
+            return self.get_base_model().generate(*args, **kwargs)
 
     def _generation(self, fold: bool) -> contextlib.AbstractContextManager[None]:
         name = self.routing.active
@@ -243,7 +278,7 @@ class PeftModel(nn.Module):
         args, kwargs = _keyword_inputs(fn, args, kwargs)
         if for_generate and kwargs.get("inputs") is not None:
             # generate's first parameter is the model's main input, whatever its name; name it as forward does.
-            main = getattr(self.base_model, "main_input_name", "input_ids")
+            main = getattr(self.get_base_model(), "main_input_name", "input_ids")
             if kwargs.get(main) is not None:
                 raise ValueError(f"generate() got both `inputs` and `{main}`; pass one.")
             kwargs[main] = kwargs.pop("inputs")
@@ -321,8 +356,8 @@ class PeftModel(nn.Module):
             tuner = self._tuner(name)
             config = tuner.config_dict()
             config["inference_mode"] = True
-            config["task_type"] = config.get("task_type") or infer_task_type(self.base_model)
-            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or _name_or_path(self.base_model)
+            config["task_type"] = config.get("task_type") or infer_task_type(self.get_base_model())
+            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or _name_or_path(self.get_base_model())
             tensors = tuner.state_dict()
             save_adapter_files(save_directory if name == "default" else save_directory / name, config, tensors)
 

@@ -129,7 +129,7 @@ class Tuner(ABC):
     @property
     def model(self) -> nn.Module:
         """The base model the adapter is attached to."""
-        return self.peft_model.base_model
+        return self.peft_model.get_base_model()
 
     @abstractmethod
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:

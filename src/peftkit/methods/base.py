@@ -25,7 +25,18 @@ from ..inject import (
     release_host,
 )
 from ..io.keys import HF_PREFIX, to_hf_key
+from ..model import infer_task_type
 from ..tuner import Tuner
+
+# The freshly initialised output layer of each task's model class, by the names transformers gives it
+# (``BertForSequenceClassification.classifier``, ``LlamaForSequenceClassification.score``). As in ``peft``,
+# an adapter for such a task trains and saves this head in full (``modules_to_save``): without it the
+# classifier would keep its random weights.
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 class AdapterLayer(nn.Module):
@@ -111,8 +122,10 @@ class LayerTuner(Tuner):
 
     def __init__(self, peft_model, name: str, config: PeftConfig) -> None:
         super().__init__(peft_model, name, config)
-        targets = self.find_targets()
-        copies = [p for p in self._modules_to_save_paths() if p not in targets]
+        copies = self._modules_to_save_paths()
+        # As in ``peft``, a module trained in full is never also a target, nor is anything inside it (the
+        # ``dense``/``out_proj`` of RoBERTa's classification head under "all-linear").
+        targets = [t for t in self.find_targets() if not any(t == c or t.startswith(c + ".") for c in copies)]
         # Build every layer before touching the model, so a failure leaves it unchanged.
         layers = {path: self.make_layer(get_submodule(self.model, path), path) for path in targets}
         for path in copies:
@@ -151,14 +164,31 @@ class LayerTuner(Tuner):
             type(self.config).__name__,
         )
 
+    def modules_to_save(self) -> list[str] | None:
+        """The config's ``modules_to_save`` plus, for a classification or QA model, its task head
+        (:data:`TASK_HEADS`), which ``peft`` adds the same way. The config object itself is not changed."""
+        names = list(getattr(self.config, "modules_to_save", None) or [])
+        task = self.config.task_type or infer_task_type(self.model)
+        extra = [h for h in TASK_HEADS.get(task, ()) if h not in names]
+        if not hasattr(self.config, "modules_to_save") or not (names or extra):
+            return getattr(self.config, "modules_to_save", None)
+        return names + extra
+
     def _modules_to_save_paths(self) -> list[str]:
         names = getattr(self.config, "modules_to_save", None) or []
-        if not names:
-            return []
-        paths = [n for n, _ in named_base_modules(self.model) if name_matches(n, list(names))]
-        if not paths:
+        heads = [h for h in (self.modules_to_save() or []) if h not in names]
+        modules = [n for n, _ in named_base_modules(self.model)]
+        paths = [n for n in modules if name_matches(n, list(names) + heads)]
+        if names and not any(name_matches(n, list(names)) for n in modules):
             raise ValueError(f"modules_to_save={names!r} matches no module of {type(self.model).__name__}.")
-        return paths
+        # A head inside a head (never in transformers' classes) would be copied twice: keep the outer one.
+        return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+
+    def config_dict(self) -> dict[str, Any]:
+        d = super().config_dict()
+        if "modules_to_save" in d:
+            d["modules_to_save"] = self.modules_to_save()
+        return d
 
     def layers(self) -> list[tuple[str, AdapterLayer]]:
         return [(path, host.adapters[self.name]) for path, host in hosts(self.model) if self.name in host.adapters]

@@ -82,7 +82,7 @@ class PrefixTuningTuner(SoftPromptTuner):
     checked_fields = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
 
     def __init__(self, peft_model, name: str, config: PrefixTuningConfig) -> None:
-        if any(getattr(m, "gradient_checkpointing", False) for m in peft_model.base_model.modules()):
+        if any(getattr(m, "gradient_checkpointing", False) for m in peft_model.get_base_model().modules()):
             raise ValueError("PrefixTuningConfig does not work with gradient checkpointing (the prefix is a cache); turn it off.")
         super().__init__(peft_model, name, config)
 

@@ -26,7 +26,7 @@ from ..model import PeftModel
 def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel and/or DistributedDataParallel (or the model itself)."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return inner.base_model if isinstance(inner, PeftModel) else inner
+    return inner.get_base_model() if isinstance(inner, PeftModel) else inner
 
 
 class TargetOnlyHead:
