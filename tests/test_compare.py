@@ -10,6 +10,7 @@ import pytest
 import tiny_pipeline as tiny
 from peftkit.cli import main
 from peftkit.data import PromptFormat
+from peftkit.evaluate import ScoringSettings
 from peftkit.evaluate.forgetting import ForgettingSettings
 from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build_experiment_config, run_experiment
 from peftkit.experiments import worker as worker_module
@@ -61,7 +62,8 @@ def compared(work):
                  "--output", str(out), "--methods", "baseline,full,lora,ia3", "--per-method", "lora.lr=5e-3,lora.rank=4",
                  "--max-steps", "4", "--batch-size", "4", "--eval-limit", "6", "--max-new-tokens", "6",
                  "--eval-batch-size", "4", "--latency-rows", "2", "--example-rows", "2", "--precision", "fp32",
-                 "--no-isolate", "--max-source-tokens", "48", *SMALL_FLAGS])
+                 "--no-isolate", "--max-source-tokens", "48", "--metrics", "rouge,token_f1,loss", "--reference-mode", "mean",
+                 *SMALL_FLAGS])
     return code, out, report_of(out)
 
 
@@ -85,6 +87,39 @@ def test_rouge_and_deltas_are_the_evaluations_numbers(compared):
             assert m[k] == metrics[k]
             assert m[f"{k}_delta"] == pytest.approx(m[k] - rows["baseline"][k], abs=1e-12)
     assert all(rows["baseline"][f"{k}_delta"] == 0 for k in ROUGE)
+
+
+def test_every_reference_mode_and_chosen_metric_reaches_the_report(compared):
+    _, out, report = compared
+    assert report["settings"]["scoring"]["reference_mode"] == "mean"
+    for name, m in by_name(report).items():
+        metrics = json.loads((out / "runs" / name / "eval" / "metrics.json").read_text())
+        assert m["reference_mode"] == "mean" and m["rouge1"] == m["rouge1_mean"]
+        for k in ("rouge1", "rougeL", "token_f1"):
+            assert [m[f"{k}_{mode}"] for mode in ("max", "mean", "first")] == [metrics[f"{k}_{mode}"] for mode in ("max", "mean", "first")]
+            assert m[f"{k}_max"] >= m[f"{k}_mean"]  # the best reference scores at least the average one
+        assert m["loss"] == metrics["loss"] > 0 and m["bleu"] is None and m["bleu_max"] is None  # not asked for
+        assert m["loss_delta"] == pytest.approx(m["loss"] - by_name(report)["baseline"]["loss"])
+    md = (out / "report.md").read_text()
+    assert "Headline reference mode: mean" in md and "ROUGE-1 (mean / max / first)" in md
+    lora = by_name(report)["lora"]
+    assert f"| lora | {100 * lora['rouge1_mean']:.2f} / {100 * lora['rouge1_max']:.2f} / {100 * lora['rouge1_first']:.2f} |" in md
+
+
+def test_other_metrics_rescore_without_training_again(work, tmp_path, monkeypatch, capsys):
+    trained = []
+    real_train = loop_module.train
+    monkeypatch.setattr(worker_module, "train", lambda cfg: trained.append(cfg.method) or real_train(cfg))
+    run_experiment(settings(work, tmp_path, methods=["lora"], latency_rows=0, example_rows=0))
+    assert by_name(report_of(tmp_path))["lora"]["chrf"] is None
+    run_experiment(settings(work, tmp_path, methods=["lora"], latency_rows=0, example_rows=0,
+                            scoring=ScoringSettings(metrics=["rouge", "chrf"], reference_mode="first")))
+    assert trained == ["lora"]  # trained once; evaluated twice
+    assert "evaluating again (the training is kept)" in capsys.readouterr().out
+    lora = by_name(report_of(tmp_path))["lora"]
+    assert lora["chrf"] == lora["chrf_first"] is not None and lora["rouge1"] == lora["rouge1_first"]
+    with pytest.raises(ValueError, match="a comparison always scores ROUGE"):
+        settings(work, tmp_path, scoring=ScoringSettings(metrics=["chrf"]))
 
 
 def test_parameters_learning_rates_and_stored_sizes(compared, work):

@@ -1,15 +1,17 @@
-"""Evaluation: generate a prediction per row and score it with ROUGE.
+"""Evaluation: generate a prediction per row and score it (ROUGE by default; see metrics.py).
 
     metrics = evaluate(EvalConfig(adapter="runs/lora", data="test.jsonl", output="runs/lora/eval", limit=100))
 
-writes ``OUTPUT/metrics.json`` (ROUGE fractions in [0, 1], ``n``, the settings and timings) and
-``OUTPUT/predictions.jsonl`` (one line per row: prediction, references, per-example ROUGE).
+writes ``OUTPUT/metrics.json`` (each metric as a fraction in [0, 1] under the chosen reference mode,
+and as ``KEY_max``, ``KEY_mean``, ``KEY_first`` under all three; ``n``, the settings and timings) and
+``OUTPUT/predictions.jsonl`` (one line per row: prediction, references, its per-row scores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from ..io.files import CONFIG_NAME, atomic_write_text
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
 from .generate import GenerationSettings, generate_predictions
+from .metrics import METRICS, REFERENCE_MODES, ScoringSettings, check_available, metric_keys, score_fields, score_text
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
 
 
@@ -39,6 +42,7 @@ class EvalConfig:
         limit: Evaluate only the first N rows.
         format: Fields, prompt template and truncation: use the same as in training.
         generation: Decoding settings.
+        scoring: Metrics and how several references per example are scored.
         cpu: Stay on the CPU even when a GPU is present.
     """
 
@@ -49,6 +53,7 @@ class EvalConfig:
     limit: int | None = None
     format: PromptFormat = field(default_factory=PromptFormat)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     cpu: bool = False
 
     def __post_init__(self) -> None:
@@ -79,6 +84,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("No evaluation data: give --data FILE.")
     if not cfg.output:
         raise ValueError("No output directory: give --output DIR.")
+    check_available(cfg.scoring.metrics)
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
@@ -95,16 +101,25 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         predictions = generate_predictions(model, tokenizer, encoded.items, cfg.generation, seq2seq, progress=progress)
     generation_seconds = time.perf_counter() - generation_started
     references = [e.references for e in examples]
-    per_example = rouge_per_example(predictions, references)
+    scores, per_example = score_text(predictions, references, cfg.scoring)
+    if {"loss", "perplexity"} & set(cfg.scoring.metrics):
+        from ..train.loop import evaluate_loss
+
+        # encoded holds prompt + first reference, the labels covering the reference (as in training)
+        loss = evaluate_loss(model, encoded, cfg.generation.batch_size, tokenizer.pad_token_id, None, device, use_bf16)
+        scores.update({k: v for k, v in (("loss", loss), ("perplexity", math.exp(loss))) if k in cfg.scoring.metrics})
     metrics: dict[str, Any] = {
-        **{k: sum(s[k] for s in per_example) / len(per_example) for k in ROUGE_TYPES},
-        "n": len(per_example),
+        **scores,
+        "n": len(predictions),
+        "metrics": list(cfg.scoring.metrics),
+        "reference_mode": cfg.scoring.reference_mode,
         "model": model_name,
         "adapter": cfg.adapter,
         "data": cfg.data,
         "references_per_example": max(len(r) for r in references),
         "truncated_inputs": encoded.truncated_inputs,
         "generation": dataclasses.asdict(cfg.generation),
+        "scoring": dataclasses.asdict(cfg.scoring),
         "precision": "bf16" if use_bf16 else "fp32",
         "precision_reason": precision_reason,
         "generation_s": generation_seconds,
@@ -113,7 +128,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     }
     output = Path(cfg.output)
     lines = [
-        json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(s[k], 6) for k in ROUGE_TYPES}})
+        json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(v, 6) for k, v in s.items()}})
         for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
     atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
@@ -124,11 +139,18 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 __all__ = [
     "EvalConfig",
     "GenerationSettings",
+    "METRICS",
+    "REFERENCE_MODES",
     "ROUGE_TYPES",
+    "ScoringSettings",
+    "check_available",
     "evaluate",
     "generate_predictions",
     "load_for_inference",
+    "metric_keys",
+    "score_fields",
     "rouge",
     "rouge_per_example",
+    "score_text",
     "sentences_on_lines",
 ]

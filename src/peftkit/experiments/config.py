@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data import PromptFormat
-from ..evaluate import EvalConfig, GenerationSettings
+from ..evaluate import EvalConfig, GenerationSettings, ScoringSettings
 from ..evaluate.forgetting import ForgettingSettings
 from ..hub import DEFAULT_MODEL
 from ..options import build, coerce, field_types, read_yaml
@@ -82,6 +82,7 @@ class ExperimentConfig:
         max_new_tokens: Longest generated prediction, in tokens.
         num_beams: 1 is greedy decoding; more is beam search.
         eval_batch_size: Prompts generated together during evaluation.
+        scoring: Metrics every entry is scored with, and how several references per example count.
         latency_rows: Rows (the first ones of eval_data) generated one at a time to time each entry's
             latency per example; adapters that can merge are timed merged and unmerged. 0 skips it.
         example_rows: Rows of eval_data shown in report.md with every entry's prediction.
@@ -118,6 +119,7 @@ class ExperimentConfig:
     max_new_tokens: int = 128
     num_beams: int = 1
     eval_batch_size: int = 16
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     latency_rows: int = 8
     example_rows: int = 3
     forgetting: ForgettingSettings = field(default_factory=ForgettingSettings)
@@ -132,6 +134,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}.")
+        if "rouge" not in self.scoring.metrics:
+            raise ValueError(f"--metrics {','.join(self.scoring.metrics)}: a comparison always scores ROUGE (its table, "
+                             f"conclusion and plots use it); add others beside it, e.g. --metrics rouge,{self.scoring.metrics[0]}.")
         # The training and evaluation settings validate themselves (one place for each rule).
         self.train_config(Entry("check", "lora", lr=self.lr), "check")
         self.eval_config("check")
@@ -165,7 +170,8 @@ class ExperimentConfig:
 
     def eval_config(self, output: str, model: str | None = None, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
-                          limit=self.eval_limit, format=self.format, generation=self.generation(), cpu=self.cpu)
+                          limit=self.eval_limit, format=self.format, generation=self.generation(),
+                          scoring=dataclasses.replace(self.scoring), cpu=self.cpu)
 
     def _entry(self, name: str, method: str, options: MethodOptions | None = None, lr: float | None = None) -> Entry:
         """An entry for ``method``: the shared options it uses, and ``lr`` or the shared or method's default."""

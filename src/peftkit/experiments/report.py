@@ -15,12 +15,18 @@ from typing import Any
 
 from .. import __version__
 from ..data import read_examples
-from ..evaluate import ROUGE_TYPES
+from ..evaluate import METRICS, REFERENCE_MODES, ROUGE_TYPES, metric_keys, score_fields
 from ..io.files import atomic_write_text
 from .config import BASELINE, Entry, ExperimentConfig
 
 HEADLINE = "rougeL"  # the metric the conclusion and the sorted views use
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+
+def _about(key: str) -> str:
+    metric = next(m for m in METRICS.values() if key in m.keys)
+    what = f"{ROUGE_NAMES[key]} F-measure" if key in ROUGE_NAMES else metric.about
+    return f"{what} ({metric.library}), mean over the evaluation rows" if metric.per_row else f"{what} ({metric.library})"
+
 
 REPORT_FIELDS: dict[str, str] = {
     "name": "the entry's label (its sub-folder is runs/<name>)",
@@ -29,8 +35,12 @@ REPORT_FIELDS: dict[str, str] = {
     "error": "the error of a failed entry, else null",
     "lr": "peak learning rate used (null for the baseline)",
     "method_options": "the method options the entry used (rank, target_modules, ...)",
-    **{k: f"{ROUGE_NAMES[k]} F-measure on the evaluation rows, mean over rows, in [0, 1]" for k in ROUGE_TYPES},
-    **{f"{k}_delta": f"{ROUGE_NAMES[k]} minus the baseline's (null without a baseline)" for k in ROUGE_TYPES},
+    "reference_mode": "how an example with several references was scored for the headline numbers: max (its best "
+                      "reference), mean (each reference its own row, averaged) or first",
+    **{k: f"{_about(k)}, under reference_mode (null when not in --metrics)" for k in metric_keys()},
+    **{f"{k}_{mode}": f"the same under reference mode {mode}" for mode in REFERENCE_MODES for k in score_fields()
+       if k in metric_keys() and f"{k}_{mode}" in score_fields()},
+    **{f"{k}_delta": f"{k} minus the baseline's (null without a baseline)" for k in metric_keys()},
     "eval_examples": "rows scored",
     "eval_examples_per_s": "batched evaluation throughput (generation only)",
     "trainable_params": "parameters trained (0 for the baseline)",
@@ -139,8 +149,8 @@ def rank_choice_sentence(choice: dict[str, Any]) -> str:
 def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """One report object: the entry's result, its deltas against the baseline, its folder."""
     row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback", "forgetting_settings")}
-    for k in ROUGE_TYPES:
-        ok = baseline is not None and result["status"] == "ok"
+    for k in metric_keys():
+        ok = baseline is not None and result["status"] == "ok" and result.get(k) is not None and baseline.get(k) is not None
         row[f"{k}_delta"] = result[k] - baseline[k] if ok else None
     row["run_dir"] = f"runs/{result['name']}"
     return row
@@ -258,6 +268,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         f"**Conclusion.** {report['conclusion']}",
         "",
+        *scores_table(report["methods"], s["scoring"]),
     ]
     if report.get("rank_choice"):
         lines += [f"**{rank_choice_sentence(report['rank_choice'])}**", ""]
@@ -283,6 +294,34 @@ def _forgetting_setup(f: dict[str, Any]) -> str:
     return (f"Forgetting: mean per-token loss on {f['general_texts']} held-out BBC News articles (first {f['general_tokens']} "
             f"tokens each) and zero-shot topic accuracy on {f['topic_rows']} other articles (first {f['topic_tokens']} tokens, "
             "label by likelihood), each entry against the base model before training.")
+
+
+_MODE_WORDS = {"max": "each example's best reference", "mean": "each reference scored as its own row, averaged",
+               "first": "the first reference only"}
+
+
+def scores_table(methods: list[dict[str, Any]], scoring: dict[str, Any]) -> list[str]:
+    """Every chosen metric under each reference mode (max / mean / first), headline mode first."""
+    mode = scoring["reference_mode"]
+    keys = metric_keys(scoring["metrics"])
+    ok = [m for m in methods if m["status"] == "ok"]
+    if not ok:
+        return []
+    modes = [mode, *(m for m in REFERENCE_MODES if m != mode)]
+    head = ["method", *(f"{ROUGE_NAMES.get(k, k)} ({' / '.join(modes)})" if f"{k}_max" in score_fields() else k for k in keys)]
+    lines = [f"**Scores** ({', '.join(scoring['metrics'])}). Headline reference mode: {mode} ({_MODE_WORDS[mode]}); "
+             "the table above uses it. With several references per example the modes differ; compare with a published "
+             "number only under the protocol it used. Text metrics x 100.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(head))) + "|"]
+    for m in ok:
+        cells = [m["name"]]
+        for k in keys:
+            if f"{k}_max" in score_fields():
+                cells.append(" / ".join("-" if m.get(f"{k}_{x}") is None else _points(m[f"{k}_{x}"]) for x in modes))
+            else:
+                cells.append("-" if m.get(k) is None else f"{m[k]:.4g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def table(methods: list[dict[str, Any]]) -> str:

@@ -25,18 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..evaluate import check_available
 from ..io.files import atomic_write_text
 from .config import Entry, ExperimentConfig
 from .report import build_report, write_report
-from .worker import RESULT, SPEC, failed_result, run_entry
+from .worker import RESULT, SPEC, failed_result, run_entry, scored_otherwise
 
 # Settings that change how a run is logged or resumed, never its result.
-_NOT_IN_FINGERPRINT = {"output", "log_every", "save_every", "keep_checkpoints", "resume", "eval_data", "eval_every", "eval_limit"}
+_NOT_IN_FINGERPRINT = {"output", "report_to", "log_every", "save_every", "keep_checkpoints", "resume", "eval_data", "eval_every", "eval_limit"}
 
 
 def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, Any]:
     """Run (or reuse) every entry of ``cfg`` and write the report; returns ``report.json``'s content."""
     cfg.check_required()
+    check_available(cfg.scoring.metrics)  # a missing metric library fails now, not after the training
     entries = cfg.entries()
     output = Path(cfg.output)
     started = time.perf_counter()
@@ -55,7 +57,11 @@ def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, An
         run_dir = output / "runs" / entry.name
         spec = entry_spec(cfg, entry, data)
         previous = _previous(run_dir, spec)
-        if previous == "unmeasured":
+        if previous in ("finished", "unmeasured") and scored_otherwise(run_dir / "eval" / "metrics.json", spec["eval"]):
+            _say(f"{tag}: finished earlier; the metrics or reference mode changed, so it is scored again (nothing retrains)")
+            (run_dir / RESULT).unlink()
+            previous = "rescore"
+        elif previous == "unmeasured":
             _say(f"{tag}: finished earlier with the same settings; measuring its forgetting (the other stages are reused)")
             (run_dir / RESULT).unlink()
         if previous == "finished":
@@ -100,7 +106,8 @@ def entry_spec(cfg: ExperimentConfig, entry: Entry, data: dict[str, Any]) -> dic
         "method": entry.method,
         "model": cfg.model,
         "eval_data": data["eval"],
-        "eval": {k: v for k, v in evaluation.items() if k not in ("output", "data", "model", "adapter")} | {"limit": cfg.eval_limit},
+        # The metrics are not in it: scoring other metrics re-evaluates a finished entry, it does not retrain it.
+        "eval": {k: v for k, v in evaluation.items() if k not in ("output", "data", "model", "adapter", "scoring")} | {"limit": cfg.eval_limit},
         "latency_rows": cfg.latency_rows,
     }
     if train is not None:

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import ROUGE_TYPES, EvalConfig, evaluate, load_for_inference
+from ..evaluate import EvalConfig, evaluate, load_for_inference, score_fields
 from ..evaluate.forgetting import ForgettingSettings, forgetting, general_scores
 from ..io.files import atomic_write_text
 from ..train import TrainConfig, train
@@ -94,6 +94,9 @@ def _run(spec: dict[str, Any], run_dir: Path, name: str) -> dict[str, Any]:
     if run is not None:
         model, adapter = (str(train_dir), None) if run["saves_full_model"] else (spec["model"], str(train_dir))
     eval_dir = run_dir / "eval"
+    if scored_otherwise(eval_dir / "metrics.json", spec["eval"]):
+        say("the metrics or reference mode changed; evaluating again (the training is kept)")
+        (eval_dir / "metrics.json").unlink()
     if not (eval_dir / "metrics.json").is_file():
         cfg = from_dict(EvalConfig, spec["eval"])
         cfg.model, cfg.adapter, cfg.output = model, adapter, str(eval_dir)
@@ -152,6 +155,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def scored_otherwise(metrics_path: Path, evaluation: dict[str, Any]) -> bool:
+    """True when an existing evaluation used other metrics or another reference mode than ``evaluation``'s."""
+    if not metrics_path.is_file():
+        return False
+    return json.loads(metrics_path.read_text(encoding="utf-8")).get("scoring") != evaluation.get("scoring")
+
+
 def ok_result(spec: dict[str, Any], run: dict[str, Any] | None, metrics: dict[str, Any], latency: dict[str, Any],
               stored: dict[str, int]) -> dict[str, Any]:
     """The entry's numbers, before the comparison with the baseline (see ``report.REPORT_FIELDS``)."""
@@ -166,7 +176,8 @@ def ok_result(spec: dict[str, Any], run: dict[str, Any] | None, metrics: dict[st
         "error": None,
         "lr": run["lr"] if run else None,
         "method_options": entry["options"] if run else {},
-        **{k: metrics[k] for k in ROUGE_TYPES},
+        "reference_mode": metrics["reference_mode"],
+        **{k: metrics.get(k) for k in score_fields()},  # null where the metric was not chosen
         "eval_examples": metrics["n"],
         "eval_examples_per_s": metrics["examples_per_s"],
         "trainable_params": trainable,

@@ -13,6 +13,7 @@ from ..data import PromptFormat
 from ..hub import DEFAULT_MODEL
 from ..options import build
 from ..presets import MethodOptions
+from .tracking import ReportTo
 
 
 @dataclass
@@ -54,6 +55,9 @@ class TrainConfig:
         keep_checkpoints: How many recent checkpoints to keep on disk.
         resume: Continue from the newest checkpoint in ``output``.
         cpu: Train on the CPU even when a GPU is present.
+        report_to: Experiment tracker the logged numbers also go to (through Accelerate): tensorboard (event
+            files in OUTPUT/logs/), wandb or mlflow (configured by their environment variables), or none.
+            auto: TensorBoard when it is installed, else none. loss_curve.png is written either way.
     """
 
     model: str = DEFAULT_MODEL
@@ -85,6 +89,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: bool = False
     cpu: bool = False
+    report_to: ReportTo = "auto"
 
     def __post_init__(self) -> None:
         positive = ["batch_size", "grad_accum", "log_every", "keep_checkpoints"]
@@ -103,7 +108,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup!r}.")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
-        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32"))):
+        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
 
@@ -115,7 +121,7 @@ class TrainConfig:
 
 
 # Settings that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "log_every", "eval_data", "eval_every", "eval_limit", "save_every", "keep_checkpoints", "output"}
+RESUMABLE_CHANGES = {"resume", "report_to", "log_every", "eval_data", "eval_every", "eval_limit", "save_every", "keep_checkpoints", "output"}
 
 
 def build_train_config(yaml_path: str | None = None, sets: list[str] | None = None, **flags) -> TrainConfig:

@@ -43,6 +43,7 @@ from ..presets import build_config, get_preset
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
+from .tracking import CURVE, RUN_NAME, resolve_report_to, tracker_config, write_loss_curve
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,7 +72,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- processes, device, precision, seed ------------------------------------------------------
     # Several processes without a GPU (torchrun, accelerate launch --multi_gpu): DDP over gloo on the CPU.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=cfg.cpu or (launched and not torch.cuda.is_available()))
+    tracker = resolve_report_to(cfg.report_to)  # a tracker that is not installed fails here, before any work
+    accelerator = Accelerator(cpu=cfg.cpu or (launched and not torch.cuda.is_available()), log_with=tracker, project_dir=output)
     device, world, rank, main = accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     use_bf16, precision_reason = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
@@ -129,7 +131,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
     elif cfg.resume:
         say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
-    log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=step)
+    if tracker is not None:
+        accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
+    log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=step, tracker=accelerator if tracker else None)
 
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
     # moved between layers from the gradients after each optimizer step) provides these two hooks.
@@ -264,8 +268,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "wall_time_s": elapsed_before + time.perf_counter() - started,
             **peak_memory(device),
         }
+        write_loss_curve(output / "train_log.jsonl", output / CURVE)
         atomic_write_text(output / "run.json", json.dumps(run, indent=2) + "\n")
         say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
+    for t in accelerator.trackers:  # flush and close the tracker's files
+        t.finish()
     accelerator.wait_for_everyone()
     return run
 
@@ -282,19 +289,23 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator) -> float:
-    """Mean token cross-entropy on held-out data; the processes split the batches and add up."""
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator=None) -> float:
+    """Mean token cross-entropy on held-out data; the processes split the batches and add up
+    (``accelerator=None``: one process, as in ``peftkit eval``)."""
+    was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
     lengths = [len(e.input_ids) + len(e.labels) for e in data.items]
-    for rows in sorted_batches(lengths, batch_size)[accelerator.process_index :: accelerator.num_processes]:
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    for rows in sorted_batches(lengths, batch_size)[rank::world]:
         batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
         with autocast(device, use_bf16):
             loss, n = loss_sum(model, batch, head)
         total += loss.double()
         count += n
-    model.train()
-    total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
+    model.train(was_training)
+    if accelerator is not None:
+        total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
     return (total / count).item()
 
 
@@ -361,8 +372,8 @@ class _TrainLog:
     """``train_log.jsonl``: one JSON object per logged step. On resume, lines after the checkpoint's
     step are dropped (they will be logged again), so the file reads like one uninterrupted run."""
 
-    def __init__(self, path: Path, enabled: bool, keep_up_to: int) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, keep_up_to: int, tracker: Accelerator | None = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if not enabled:
             return
         kept = []
@@ -374,3 +385,5 @@ class _TrainLog:
         if self.enabled and record:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:  # the same numbers, under the same step
+                self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
