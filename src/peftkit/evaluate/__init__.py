@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -44,6 +44,8 @@ class EvalConfig:
         generation: Decoding settings.
         scoring: Metrics and how several references per example are scored.
         cpu: Stay on the CPU even when a GPU is present.
+        task: ``generate`` scores generated text with ROUGE; ``classify`` scores the labels that an adapter from
+            ``peftkit train --task classify`` predicts with accuracy and macro-F1 (:mod:`peftkit.classify`).
     """
 
     model: str | None = None
@@ -55,8 +57,11 @@ class EvalConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     cpu: bool = False
+    task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
+        if self.task not in ("generate", "classify"):
+            raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}.")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
@@ -80,6 +85,10 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate, score, write ``metrics.json`` and ``predictions.jsonl``; returns the metrics."""
+    if cfg.task == "classify":
+        from ..classify import evaluate_classifier
+
+        return evaluate_classifier(cfg)
     if not cfg.data:
         raise ValueError("No evaluation data: give --data FILE.")
     if not cfg.output:

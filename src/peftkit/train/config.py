@@ -58,6 +58,9 @@ class TrainConfig:
         report_to: Experiment tracker the logged numbers also go to (through Accelerate): tensorboard (event
             files in OUTPUT/logs/), wandb or mlflow (configured by their environment variables), or none.
             auto: TensorBoard when it is installed, else none. loss_curve.png is written either way.
+        task: ``generate`` trains the model to write the target text; ``classify`` loads it with a new
+            classification head (one output per distinct target label) and trains the adapter and the head
+            (:mod:`peftkit.classify`).
     """
 
     model: str = DEFAULT_MODEL
@@ -90,6 +93,7 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False
     report_to: ReportTo = "auto"
+    task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
         positive = ["batch_size", "grad_accum", "log_every", "keep_checkpoints"]
@@ -109,7 +113,8 @@ class TrainConfig:
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
         for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
-                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none"))):
+                              ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
+                              ("task", ("generate", "classify"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
 

