@@ -53,6 +53,7 @@ def make_model_dir(root: Path) -> tuple[Path, dict[str, Path]]:
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=CONTEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attention_bias=True,  # (initialised to 0) so that adapters that train biases have some to write into
     )
     model = transformers.LlamaForCausalLM(config).eval()
     model_dir = root / "tiny-llama"
@@ -186,3 +187,81 @@ def slow_steps(engine, seconds: float = 0.02):
         yield
     finally:
         del engine._step  # back to the class's method
+
+
+def model_state(model: torch.nn.Module) -> tuple:
+    """Everything a failed adapter load must leave as it was: each module (name, class, training flag)
+    and each parameter and buffer (name, requires_grad, SHA-256 of its bytes)."""
+    import hashlib
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    modules = [(n, type(m).__name__, m.training) for n, m in model.named_modules()]
+    params = [(n, p.requires_grad, str(p.dtype), tuple(p.shape), digest(p)) for n, p in model.named_parameters()]
+    buffers = [(n, str(b.dtype), tuple(b.shape), digest(b)) for n, b in model.named_buffers()]
+    return modules, params, buffers
+
+
+def make_unservable_adapters(model_dir: Path, root: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Adapter folders under ``root`` that a server must refuse, each with a word its refusal must contain:
+    ones that write into the base model (full and selective fine-tuning, LoRA training biases), one that
+    cannot share a batch (a soft prompt), and broken copies of the valid adapter ``good``."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peftkit import FullConfig, PromptTuningConfig, SelectiveConfig
+
+    out: dict[str, tuple[Path, str]] = {}
+
+    def trained(name: str, config, must_say: str) -> None:
+        peft_model = get_peft_model(load_model(model_dir), config)
+        with torch.no_grad():  # as if trained: every value it would write differs from the base model's
+            for _, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.5)
+        peft_model.save_pretrained(root / name)
+        out[name] = (root / name, must_say)
+
+    trained("full", FullConfig(), "base model's own weights")
+    trained("lora-bias-all", LoraConfig(r=2, target_modules=["q_proj"], bias="all"), "bias='all'")
+    trained("lora-bias-lora-only", LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"), "bias='lora_only'")
+    trained("bitfit", SelectiveConfig(patterns=[r"\.bias$"]), "base model's own weights")
+    trained("prompt-tuning", PromptTuningConfig(num_virtual_tokens=3), "batch shared")
+
+    def broken(name: str, must_say: str, config_edit=None, tensors_edit=None, raw_weights: bytes | None = None) -> None:
+        folder = root / name
+        shutil.copytree(good, folder)
+        if config_edit is not None:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            config_edit(config)
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+        weights = folder / "adapter_model.safetensors"
+        if tensors_edit is not None:
+            tensors = load_file(weights)
+            tensors_edit(tensors)
+            save_file(tensors, weights)
+        if raw_weights is not None:
+            weights.write_bytes(raw_weights)
+        out[name] = (folder, must_say)
+
+    def wrong_shape(t: dict) -> None:
+        key = sorted(k for k in t if "lora_B" in k)[0]
+        t[key] = torch.zeros(t[key].shape[0] + 1, t[key].shape[1])
+
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    broken("wrong-shape", "shape", tensors_edit=wrong_shape)
+    broken("missing-tensor", "missing", tensors_edit=lambda t: t.pop(sorted(t)[0]))
+    broken("truncated-weights", "safetensors", raw_weights=weights[: len(weights) // 2])
+    broken("not-json", "JSON", config_edit=None)
+    (root / "not-json" / "adapter_config.json").write_text("{ not json")
+    broken("unknown-method", "peft_type", config_edit=lambda c: c.update(peft_type="NO_SUCH_METHOD"))
+    broken("bad-target-regex", "q_proj((", config_edit=lambda c: c.update(target_modules="q_proj(("))
+    broken("bad-rank-regex", "q_proj((", config_edit=lambda c: c.update(rank_pattern={"q_proj((": 8}))
+    broken("absurd-rank", "", config_edit=lambda c: c.update(r=2**40))
+    broken("no-target", "target", config_edit=lambda c: c.update(target_modules=["no_such_module"]))
+    broken("pickle-only", "pickle", raw_weights=b"")
+    (root / "pickle-only" / "adapter_model.safetensors").rename(root / "pickle-only" / "adapter_model.bin")
+    return out

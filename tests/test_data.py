@@ -52,6 +52,33 @@ def test_bad_files_are_named_with_row(tmp_path, name, content, expected):
         read_examples(str(tmp_path / name))
 
 
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [  # each was read silently wrong, or failed with a message that named neither row nor field
+        ("last.csv", 'dialogue,summary\na,"b\nc,d\ne,f\n', r"last.csv: row 1 \(line 2\), field 'summary': a quoted field opened on line 2 is never closed"),
+        ("first.csv", 'dialogue,summary\na,b\n"c,d\ne,f\n', r"first.csv: row 2 \(line 3\), field 'dialogue': a quoted field opened on line 3 is never closed"),
+        ("dup.csv", "dialogue,summary,summary\na,b,c\n", r"dup.csv: the header \(line 1\) names the field 'summary' twice \(columns 2 and 3\)"),
+        ("short.csv", "dialogue,summary\na,b\nc\n", r"short.csv: row 2 \(line 3\) has 1 fields, the header has 2: the field 'summary' is missing"),
+        ("text.csv", 'dialogue,summary\na,"b"c\n', r"text.csv: row 1 \(line 2\), field 'summary': .*quote doubled"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, r"deep.json: lists or objects are nested too deeply to read \(100000 levels\)"),
+        ("deep.jsonl", '{"dialogue": "a", "summary": "b"}\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n", r"deep.jsonl: line 2 nests"),
+    ],
+)
+def test_malformed_csv_and_json_name_file_row_and_field(tmp_path, name, content, expected):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=expected):
+        read_rows(str(tmp_path / name))
+
+
+def test_csv_reads_long_fields_and_quoted_line_breaks(tmp_path):
+    long = "alice " * 40_000  # 240 KB, past the csv module's 128 KiB default field limit
+    (tmp_path / "a.csv").write_text(f'dialogue,summary\n"{long}",b\n"two\nlines","say ""hi"" ok"\nplain "quotes" inside,x\n')
+    assert read_rows(str(tmp_path / "a.csv")) == [
+        {"dialogue": long, "summary": "b"}, {"dialogue": "two\nlines", "summary": 'say "hi" ok'},
+        {"dialogue": 'plain "quotes" inside', "summary": "x"},
+    ]
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_examples("/no/such/file.jsonl")

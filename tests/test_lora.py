@@ -70,7 +70,7 @@ def test_forward_is_w_x_plus_scaled_b_a_x():
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r():
-    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["0"]))
+    model = get_peft_model(nn.Sequential(nn.Linear(32, 32)), LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["0"]))
     assert model.get_base_model()[0].adapters["default"].scaling == pytest.approx(8 / math.sqrt(16))
 
 

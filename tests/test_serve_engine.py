@@ -171,3 +171,53 @@ def test_abort_of_a_waiting_request(setup):
         engine.abort([request])
         assert collector.done.wait(30)
     assert collector.results[0] == ["", "abort"] and request.generated == []
+
+
+def poisoned(collector: Collector, ids: list[int], adapter: str, **fields) -> Request:
+    """A request whose sampling settings slipped past validation (the HTTP side refuses these)."""
+    request = collector.request(ids, adapter, max_tokens=12, temperature=1.0)
+    for name, value in fields.items():
+        object.__setattr__(request.params, name, value)
+    return request
+
+
+def test_a_request_that_fails_ends_alone_and_its_batch_neighbours_get_their_solo_output(setup):
+    """Requests that fail inside the engine (a temperature that overflows, a seed torch refuses, a client
+    callback that raises), in the same prefill and decoding steps as innocent ones: each failing request
+    ends with its own error; the innocent ones equal offline generation of each alone."""
+    engine, offline, tok = setup
+    innocent = [("hello world", "alpha"), ("the cat sat on the mat", None), ("how are you", "gamma")]
+    collector = Collector()
+    requests = [collector.request(tok(p).input_ids, a or "__base__", max_tokens=12, temperature=0) for p, a in innocent]
+    ids = tok("red").input_ids
+    requests.insert(1, poisoned(collector, ids, "beta", temperature=1e-300))
+    requests.insert(3, poisoned(collector, ids, "alpha", seed=2**70))
+
+    def raising(out):
+        raise RuntimeError("the client's callback failed")
+
+    requests.append(Request(ids, "beta", SamplingParams(max_tokens=12, temperature=0), raising))
+    errors = engine.stats()["errors"]
+    with paused(engine):  # all of them in one prefill
+        engine.submit(requests)
+    assert collector.done.wait(60)
+    results = list(collector.results.values())  # in creation order: the innocent ones, then the poisoned ones
+    for (prompt, adapter), (text, reason) in zip(innocent, results[:3]):
+        assert reason in ("stop", "length"), (prompt, reason)
+        assert text == offline.completion(adapter, prompt, 12), (prompt, adapter)
+    for text, reason in results[3:]:
+        assert reason not in ("stop", "length", "abort") and text == "", reason  # an error message
+    assert engine.stats()["errors"] == errors + 3 and engine.stats()["running"] == 0
+    # ... and the engine keeps serving.
+    later = Collector()
+    engine.submit([later.request(tok("hello world").input_ids, "alpha", max_tokens=12, temperature=0)])
+    assert later.done.wait(60) and later.results[0][0] == offline.completion("alpha", "hello world", 12)
+
+
+def test_sampling_params_refuse_what_the_sampler_cannot_use():
+    for bad in (dict(temperature=1e-300), dict(temperature=-1), dict(seed=2**64), dict(seed=-(2**63) - 1),
+                dict(top_p=0), dict(max_tokens=0), dict(stop=(1,))):
+        with pytest.raises(ValueError):
+            SamplingParams(**{"max_tokens": 4, **bad})
+    logits = torch.tensor([3.0, 1.0, 2.0])
+    assert batch.sample(logits, 0.01, 1.0, torch.Generator().manual_seed(0)) == 0  # tiny temperature: no NaN

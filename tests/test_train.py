@@ -354,7 +354,7 @@ def test_cli_reports_bad_input_in_one_line(work, tmp_path, capsys):
     bad.write_text('{"text": "hi"}\n')
     assert main(["train", "--model", work["llama"], "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bad.jsonl: row 1 has no field 'dialogue'" in err
+    assert err.count("\n") == 0 and "bad.jsonl: row 1 matches no layout" in err and "--input-field and --target-field" in err
     assert main(["train", "--data", "x.jsonl", "--output", "o", "--method", "lora", "--set", "num_virtual_tokens=5"]) == 2
     assert "does not use option(s) num_virtual_tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -24,7 +24,7 @@ import torch
 
 from .data import read_examples
 from .hub import CATALOGUE, resolve_model
-from .io.files import CONFIG_NAME, atomic_write_text
+from .io.files import CONFIG_NAME, atomic_write_text, staged_directory
 from .model import PeftModel, get_peft_model
 from .presets import build_config, get_preset
 
@@ -128,14 +128,16 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
             if step == total_steps:
                 break
 
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    atomic_write_text(output / LABELS_FILE, json.dumps({"labels": labels}, indent=2) + "\n")
-    atomic_write_text(output / "train_log.jsonl", "".join(json.dumps(line) + "\n" for line in log))
     run = {"task": "classify", "config": dataclasses.asdict(cfg), "labels": labels, "rows": len(texts),
            "steps": step, "trainable_params": trainable, "total_params": total,
            "wall_time_s": time.perf_counter() - started}
-    atomic_write_text(output / "run.json", json.dumps(run, indent=2) + "\n")
+    # Staged and moved in as a whole (run.json last), like peftkit train's result.
+    with staged_directory(output, last=("adapter_config.json", "run.json")) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_text(staging / LABELS_FILE, json.dumps({"labels": labels}, indent=2) + "\n")
+        atomic_write_text(staging / "train_log.jsonl", "".join(json.dumps(line) + "\n" for line in log))
+        atomic_write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
     print(f"peftkit train: wrote the adapter, {LABELS_FILE} and run.json to {output}")
     return run
 
@@ -163,14 +165,17 @@ def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, An
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     base, tokenizer = load_classifier(model_name, labels)
     model = PeftModel.from_pretrained(base, cfg.adapter).to(device).eval()
-    texts, names = _rows(cfg.data, cfg.format, cfg.limit)
+    from .evaluate.format import eval_format
+
+    fmt = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)[0]  # the training run's fields
+    texts, names = _rows(cfg.data, fmt, cfg.limit)
     unknown = sorted(set(names) - set(labels))
     if unknown:
         raise ValueError(f"{cfg.data}: labels {unknown} are not among the adapter's {labels}.")
     truth = [labels.index(n) for n in names]
     predicted: list[int] = []
     with torch.no_grad():
-        for _, batch in _batches(texts, tokenizer, cfg.format.max_source_tokens, list(range(len(texts))), batch_size):
+        for _, batch in _batches(texts, tokenizer, fmt.max_source_tokens, list(range(len(texts))), batch_size):
             predicted += model(**batch.to(device)).logits.argmax(-1).tolist()
     # The same accuracy and macro-F1 as `peftkit eval --metrics accuracy,macro_f1` on generated labels (macro-F1
     # averages over the labels that occur in the references or the predictions).
@@ -186,9 +191,9 @@ def evaluate_classifier(cfg: "EvalConfig", batch_size: int = 16) -> dict[str, An
         "n": len(truth), "model": model_name, "adapter": cfg.adapter, "data": cfg.data,
         "wall_time_s": time.perf_counter() - started,
     }
-    output = Path(cfg.output)
-    atomic_write_text(output / "predictions.jsonl", "".join(
-        json.dumps({"row": i + 1, "prediction": labels[p], "label": labels[t]}) + "\n"
-        for i, (p, t) in enumerate(zip(predicted, truth))))
-    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    with staged_directory(cfg.output, last=("metrics.json",)) as staging:  # whole or absent
+        atomic_write_text(staging / "predictions.jsonl", "".join(
+            json.dumps({"row": i + 1, "prediction": labels[p], "label": labels[t]}) + "\n"
+            for i, (p, t) in enumerate(zip(predicted, truth))))
+        atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .io.files import DiskFull
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, DiskFull) as e:
         # Configuration and data mistakes: one clear line, not a traceback.
         print(f"peftkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,17 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in named_base_modules(model) if module is head}
 
 
+def check_regex(pattern: str, where: str) -> str:
+    """``pattern`` if it compiles; else a ValueError saying where it came from, at config construction
+    rather than as a ``re.error`` when the model is searched."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{where}: {pattern!r} is not a valid regular expression ({e}). A string is matched as a "
+                         "regex against whole module names; to list names, give a list.") from None
+    return pattern
+
+
 def name_matches(name: str, pattern: str | list[str] | set[str] | tuple[str, ...]) -> bool:
     """``peft``'s matching rule: a string is a regex that must match the whole name; a list matches a
     name that equals an entry or ends with ``.`` + entry."""

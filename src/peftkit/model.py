@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .inject import check_adapter_name, freeze
-from .io.files import load_adapter_config, load_adapter_tensors, save_adapter_files
+from .io.files import check_adapter_values, load_adapter_config, load_adapter_tensors, save_adapter_files
 from .registry import config_from_dict, tuner_for
 from .tuner import BASE, Routing, Tuner
 
@@ -89,9 +89,10 @@ class PeftModel(nn.Module):
         self._merged: str | None = None
         self._trainable_adapter: str | None = None  # the adapter whose parameters require grad
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        freeze(model)
-        self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        with _unchanged_on_error(model):  # e.g. no target module matched: the model stays trainable as it was
+            freeze(model)
+            self.add_adapter(adapter_name, peft_config)
+            self.set_adapter(adapter_name)
 
     # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
     # (``base_model`` is the TunerModel layer, ``get_base_model()`` the transformers model, as in ``peft``.)
@@ -131,7 +132,8 @@ class PeftModel(nn.Module):
             )
         if self._merged is not None:
             raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before adding another adapter.")
-        tuner = tuner_class(self, adapter_name, peft_config)
+        with _unchanged_on_error(self):  # a tuner that fails builds nothing into the model (its own promise)
+            tuner = tuner_class(self, adapter_name, peft_config)
         self._tuners[adapter_name] = tuner
         self.peft_config[adapter_name] = peft_config
         for _, p in tuner.named_parameters():
@@ -295,10 +297,7 @@ class PeftModel(nn.Module):
             raise RuntimeError("adapter_names cannot be used inside disable_adapter().")
         if self._merged is not None:
             raise RuntimeError(f"Adapter {self._merged!r} is merged; unmerge_adapter() before running a mixed batch.")
-        for name in set(adapter_names) - {BASE}:
-            tuner = self._tuner(name)
-            if not tuner.mixed_batch:
-                raise ValueError(f"Adapter {name!r} ({type(tuner.config).__name__}) cannot share a batch with other adapters.")
+        self.check_mixed_batch(adapter_names)
         self.routing.set_rows(list(adapter_names))
         try:
             yield
@@ -363,27 +362,60 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        check_values: bool = True,
     ) -> "PeftModel":
-        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``."""
-        config, tensors = _read_adapter(model_id, is_trainable)
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
-        except Exception:
-            peft_model.unload()
-            raise
+        """Attach the adapter saved in ``model_id`` (a directory) to ``model``. Frozen unless ``is_trainable``.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
+        with _unchanged_on_error(model):
+            peft_model = cls(model, config, adapter_name)
+            try:
+                peft_model._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+            except BaseException:
+                peft_model.unload()
+                raise
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it."""
-        config, tensors = _read_adapter(model_id, is_trainable)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, check_values: bool = True
+    ) -> None:
+        """Attach a saved adapter under another name; ``set_adapter(adapter_name)`` to use it.
+        ``check_values=False`` loads weights holding NaN/inf or integers, which are refused by default."""
+        config, tensors = _read_adapter(model_id, is_trainable, check_values)
+        with _unchanged_on_error(self):
+            self.add_adapter(adapter_name, config)
+            try:
+                self._tuners[adapter_name].load_state_dict(tensors, source=str(model_id))
+            except BaseException:
+                self.delete_adapter(adapter_name)
+                raise
+
+    def check_mixed_batch(self, adapter_names: list[str]) -> None:
+        """Raise ValueError unless every named adapter can serve some rows of a batch while other rows run
+        other adapters (``forward(adapter_names=...)``). Each adapter decides for itself: a LoRA that trains
+        the base model's biases cannot, whatever other LoRAs can."""
+        for name in set(adapter_names) - {BASE}:
+            tuner = self._tuner(name)
+            if not tuner.mixed_batch:
+                raise ValueError(f"Adapter {name!r} ({type(tuner.config).__name__}) cannot share a batch with other adapters.")
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(module: nn.Module) -> Iterator[None]:
+    """If the block raises, put back what attaching an adapter changes besides the module tree: each
+    parameter's ``requires_grad`` and each submodule's training flag. (The tree and the weights are the
+    tuners' own promise: they build everything before they touch the model, and check before they write.)"""
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        raise
 
 
 def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -406,11 +438,16 @@ def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     return (), {**bound, **kwargs}
 
 
-def _read_adapter(path: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def _read_adapter(
+    path: str | os.PathLike, is_trainable: bool, check_values: bool = True
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     data = load_adapter_config(path)
     data["inference_mode"] = not is_trainable
     config = config_from_dict(data, source=str(Path(path) / "adapter_config.json"))
-    return config, load_adapter_tensors(path)
+    tensors = load_adapter_tensors(path)
+    if check_values:
+        check_adapter_values(tensors, path)
+    return config, tensors
 
 
 def _name_or_path(model: nn.Module) -> str | None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from ..options import coerce, field_help, field_types
 
@@ -31,15 +32,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
             dests += add_config_arguments(parser, type(value), skip, sub_title, choices, extra_help, metavars)
             continue
         annotation = types[f.name]
+        plain = _without_none(annotation)  # `bool | None` is still an on/off flag, a `Literal | None` still has choices
         text = helps.get(f.name, "") + (extra_help or {}).get(f.name, "")
         text = f"{text} (default: {_show(value)})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
-        if annotation is bool:
+        if plain is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            options = (choices or {}).get(f.name) or (list(get_args(annotation)) if get_origin(annotation) is Literal else None)
+            options = (choices or {}).get(f.name) or (list(get_args(plain)) if get_origin(plain) is Literal else None)
             group.add_argument(flag, dest=f.name, default=None, type=_parser(annotation, f.name), choices=options,
-                               metavar=(metavars or {}).get(f.name) or _metavar(annotation, f.name), help=text)
+                               metavar=(metavars or {}).get(f.name) or _metavar(plain, f.name), help=text)
         dests.append(f.name)
     return dests
 
@@ -53,6 +55,11 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
                         "underscores, e.g. `max_steps: 200`); flags given on the command line win over it")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                         help="override one setting, e.g. --set lr=1e-4 --set rank=16 (repeatable; wins over --config)")
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 else annotation
 
 
 def _parser(annotation: Any, name: str):

@@ -63,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model.add_weighted_adapter(names, weights, "default", combination_type=args.combination_type, density=args.density,
                                majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank)
-    model.save_pretrained(args.output, selected_adapters=["default"])
-    tokenizer.save_pretrained(args.output)
+    from ..io.files import staged_directory
+
+    with staged_directory(args.output) as staging:  # the combined adapter appears whole, or not at all
+        model.save_pretrained(staging, selected_adapters=["default"])
+        tokenizer.save_pretrained(staging)
     config = model.peft_config["default"]
     print(f"peftkit merge-adapters: {args.combination_type} of {len(names)} adapters (rank {config.r}) -> {args.output}")
     return 0

@@ -27,12 +27,15 @@ class Example:
         references: Target texts: ``[0]`` is what training learns, evaluation scores against all.
         row: 1-based row number in the file, for messages.
         fields: The whole row, so a prompt template can use any of its fields.
+        messages: Chat rows only: the turns (``{"role": ..., "content": ...}``) up to and including the
+            answer in ``references[0]`` (the last assistant turn); ``source`` is then the last user turn.
     """
 
     source: str
     references: list[str]
     row: int
     fields: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
 
     @property
     def target(self) -> str:
@@ -61,7 +64,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     elif suffix == ".json":
         rows = _json_rows(text, path)
     elif suffix == ".csv":
-        rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=1))
+        rows = _csv_rows(text, path)
     else:
         raise ValueError(f"{path}: unknown data format {suffix or '(no extension)'!r}; use .jsonl, .json or .csv.")
     if not rows:
@@ -81,6 +84,9 @@ def _jsonl_rows(text: str, path: str) -> list[tuple[int, Any]]:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}).") from None
+        except RecursionError:
+            raise ValueError(f"{path}: line {number} nests lists or objects too deeply to read ({_nesting(line)} levels); "
+                             "a row is an object of text fields.") from None
     return rows
 
 
@@ -91,11 +97,99 @@ def _json_rows(text: str, path: str) -> list[tuple[int, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    except RecursionError:
+        raise ValueError(f"{path}: lists or objects are nested too deeply to read ({_nesting(text)} levels); "
+                         "expected a list of objects with text fields.") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}), found a {_json_kind(data)}.")
     return list(enumerate(data, start=1))
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest in ``text`` (ignoring strings roughly: only for the message)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _csv_rows(text: str, path: str) -> list[tuple[int, dict[str, str]]]:
+    """Records after the header, as ``(record number, {header: value})``. Quoting errors, duplicate header
+    names and rows of the wrong width are errors naming the row, its line and the field: the lenient
+    reading would silently merge rows, or shift fields."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long dialogue is data, not an error (the default stops at 128 KiB)
+    try:
+        reader = csv.reader(io.StringIO(text), strict=True)
+        records: list[tuple[int, int, list[str]]] = []  # (record number, first line, fields)
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ValueError(_csv_error(text, path, start, len(records), records[0][2] if records else None, e)) from None
+            if fields:
+                records.append((len(records), start, fields))
+    finally:
+        csv.field_size_limit(limit)
+    if not records:
+        return []
+    header = [name.strip() for name in records[0][2]]
+    seen: dict[str, int] = {}
+    for column, name in enumerate(header, start=1):
+        if name in seen:
+            raise ValueError(f"{path}: the header (line {records[0][1]}) names the field {name!r} twice (columns "
+                             f"{seen[name]} and {column}); give each column its own name.")
+        seen[name] = column
+    rows = []
+    for number, line, fields in records[1:]:
+        if len(fields) != len(header):
+            field = f"the field {header[len(fields)]!r} is missing" if len(fields) < len(header) else f"{len(fields) - len(header)} field(s) have no header"
+            raise ValueError(f"{path}: row {number} (line {line}) has {len(fields)} fields, the header has {len(header)}: "
+                             f"{field}. Put a field holding a comma or a line break in double quotes.")
+        rows.append((number, dict(zip(header, fields, strict=True))))
+    return rows
+
+
+def _csv_error(text: str, path: str, start: int, number: int, header: list[str] | None, error: csv.Error) -> str:
+    """Name the row, line and field of a CSV quoting error (``number`` 0 is the header)."""
+    row = f"row {number}" if number else "the header"
+    rest = "".join(text.splitlines(keepends=True)[start - 1 :])
+    i, column, line, quote_line, in_quotes, at_start = 0, 0, start, start, False, True
+    while i < len(rest):
+        ch = rest[i]
+        if in_quotes:
+            if ch == '"' and rest[i + 1 : i + 2] == '"':
+                i += 2  # a doubled quote inside a quoted field
+                continue
+            if ch == '"':
+                in_quotes = False
+                if rest[i + 1 : i + 2] not in (",", "\r", "\n", ""):
+                    break  # text after a closing quote: this field is the faulty one
+            elif ch == "\n":
+                line += 1
+        elif ch == '"' and at_start:
+            in_quotes, quote_line = True, line
+        elif ch == ",":
+            column, at_start, i = column + 1, True, i + 1
+            continue
+        elif ch == "\n":
+            break
+        at_start = False
+        i += 1
+    field = f"field {header[column].strip()!r}" if header and column < len(header) else f"column {column + 1}"
+    if "unexpected end of data" in str(error) or in_quotes:
+        return (f"{path}: {row} (line {start}), {field}: a quoted field opened on line {quote_line} is never closed, so "
+                f"the rest of the file would be read into it. Close the quote, or double a quote inside a quoted field (\"\").")
+    return f"{path}: {row} (line {start}), {field}: {error}. A field holding a quote must be quoted with the quote doubled (\"\")."
 
 
 def _json_kind(value: Any) -> str:
@@ -107,50 +201,18 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def _read_hub_dataset(spec: str) -> list[dict[str, Any]]:
-    """``org/name[:split]`` through the ``datasets`` package (optional: ``pip install datasets``)."""
+    """``org/name[:split]`` through the ``datasets`` package (optional: ``pip install peftkit[datasets]``)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise FileNotFoundError(f"Data file {spec} does not exist, and the hub is offline (HF_HUB_OFFLINE), so it cannot be downloaded.")
     try:
         import datasets
     except ImportError:
         raise FileNotFoundError(
-            f"Data file {spec} does not exist. To read it as a hub dataset id, install the `datasets` package."
+            f"Data file {spec} does not exist. To read it as a hub dataset id, install the `datasets` package "
+            "(pip install peftkit[datasets])."
         ) from None
     name, _, split = spec.partition(":")
     return [dict(row) for row in datasets.load_dataset(name, split=split or "train")]
-
-
-def read_examples(
-    path: str,
-    input_field: str = "dialogue",
-    target_field: str = "summary",
-    require_target: bool = True,
-    limit: int | None = None,
-) -> list[Example]:
-    """Rows of ``path`` as :class:`Example` s.
-
-    References are ``row[target_field]`` and, after it, ``row[target_field + "1"]``, ``+ "2"``, ...
-    (DialogSum's test split has ``summary1..summary3``). With ``require_target=False`` rows without
-    any reference are kept (generation only).
-    """
-    rows = read_rows(path)
-    if limit is not None:
-        rows = rows[:limit]
-    examples = []
-    for number, row in enumerate(rows, start=1):
-        source = _text(row, input_field, path, number, "--input-field")
-        references = [_text(row, target_field, path, number, "--target-field")] if target_field in row else []
-        i = 1
-        while f"{target_field}{i}" in row:
-            references.append(_text(row, f"{target_field}{i}", path, number, "--target-field"))
-            i += 1
-        if not references and require_target:
-            raise ValueError(
-                f"{path}: row {number} has no field {target_field!r} (nor {target_field}1, {target_field}2, ...); "
-                f"its fields are {sorted(row)}. Set --target-field to the field holding the expected output."
-            )
-        examples.append(Example(source=source, references=references, row=number, fields=row))
-    return examples
 
 
 def _text(row: dict[str, Any], name: str, path: str, number: int, option: str) -> str:

@@ -21,9 +21,10 @@ import torch
 
 from ..data import PromptFormat, load_encoded
 from ..hub import DEFAULT_MODEL, is_seq2seq, load_model
-from ..io.files import CONFIG_NAME, atomic_write_text
+from ..io.files import CONFIG_NAME, atomic_write_text, staged_directory
 from ..model import PeftModel
 from ..precision import autocast, cast_linear_weights_to_bf16, resolve_precision
+from .format import FormatOverrides, eval_format, overrides_from
 from .generate import GenerationSettings, generate_predictions
 from .metrics import METRICS, REFERENCE_MODES, ScoringSettings, check_available, metric_keys, score_fields, score_text
 from .rouge import ROUGE_TYPES, rouge, rouge_per_example, sentences_on_lines
@@ -37,13 +38,19 @@ class EvalConfig:
         model: Base model (directory, hub id or catalogue name). ``None``: the base model the adapter
             records in its adapter_config.json, else the catalogue default.
         adapter: Adapter directory (Hugging Face PEFT format) to apply; ``None`` evaluates the model itself.
-        data: Rows to evaluate (.jsonl/.json/.csv); references from the target field(s).
+        data: Rows to evaluate: a .jsonl, .json or .csv file, or a hub dataset ``org/name[:split]`` (with
+            ``pip install peftkit[datasets]``, online); references from the target field(s).
         output: Directory for metrics.json and predictions.jsonl.
         limit: Evaluate only the first N rows.
-        format: Fields, prompt template and truncation: use the same as in training.
+        format: Layout, fields, prompt template, chat template and truncation; each unset one is the training
+            run's (read from run.json beside the adapter), so the prompts are the ones the adapter learned from.
+        override_training_format: Evaluate with format settings that differ from the training run's
+            (without it, such a setting is an error: the adapter never saw that prompt).
         generation: Decoding settings.
         scoring: Metrics and how several references per example are scored.
         cpu: Stay on the CPU even when a GPU is present.
+        check_values: Refuse adapter weights holding NaN/inf or integers (a diverged run, or not an
+            adapter); turn off only to inspect such a file.
         task: ``generate`` scores generated text with ROUGE; ``classify`` scores the labels that an adapter from
             ``peftkit train --task classify`` predicts with accuracy and macro-F1 (:mod:`peftkit.classify`).
     """
@@ -53,21 +60,26 @@ class EvalConfig:
     data: str = ""
     output: str = ""
     limit: int | None = None
-    format: PromptFormat = field(default_factory=PromptFormat)
+    format: FormatOverrides = field(default_factory=FormatOverrides)
+    override_training_format: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     cpu: bool = False
+    check_values: bool = True
     task: Literal["generate", "classify"] = "generate"
 
     def __post_init__(self) -> None:
         if self.task not in ("generate", "classify"):
             raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}.")
+        if isinstance(self.format, PromptFormat):  # a whole format built in Python: what it changes from the defaults
+            self.format = overrides_from(self.format)
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
 
-def load_for_inference(model: str | None, adapter: str | None, device: torch.device):
-    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``."""
+def load_for_inference(model: str | None, adapter: str | None, device: torch.device, check_values: bool = True):
+    """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``.
+    ``check_values=False`` accepts adapter weights holding NaN/inf or integers."""
     if adapter is not None:
         path = Path(adapter)
         if not (path / CONFIG_NAME).is_file():
@@ -79,7 +91,7 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
             model = recorded or DEFAULT_MODEL
     model = model or DEFAULT_MODEL
     base, tokenizer = load_model(model)
-    net = PeftModel.from_pretrained(base, adapter) if adapter is not None else base
+    net = PeftModel.from_pretrained(base, adapter, check_values=check_values) if adapter is not None else base
     return net.to(device).eval(), tokenizer, model
 
 
@@ -95,15 +107,19 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError("No output directory: give --output DIR.")
     check_available(cfg.scoring.metrics)
     started = time.perf_counter()
+    # before the model loads, so a format that contradicts training fails at once
+    fmt, format_source = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device)
+    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device, cfg.check_values)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
         cast_linear_weights_to_bf16(model)
     seq2seq = is_seq2seq(model.config)
-    examples, encoded = load_encoded(cfg.data, tokenizer, cfg.format, seq2seq, limit=cfg.limit)
-    if encoded.describe() and progress:
-        print(f"peftkit eval: {encoded.describe()}")
+    examples, encoded = load_encoded(cfg.data, tokenizer, fmt, seq2seq, limit=cfg.limit)
+    if progress:
+        for line in [f"prompt format from {format_source}", *encoded.notes, encoded.describe()]:
+            if line:
+                print(f"peftkit eval: {line}")
 
     generation_started = time.perf_counter()
     with autocast(device, use_bf16):
@@ -127,6 +143,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "data": cfg.data,
         "references_per_example": max(len(r) for r in references),
         "truncated_inputs": encoded.truncated_inputs,
+        "format": {**dataclasses.asdict(encoded.format), "chat_template_used": encoded.chat_template_used},
+        "format_source": format_source,
         "generation": dataclasses.asdict(cfg.generation),
         "scoring": dataclasses.asdict(cfg.scoring),
         "precision": "bf16" if use_bf16 else "fp32",
@@ -140,19 +158,23 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         json.dumps({"row": e.row, "prediction": p, "references": e.references, **{k: round(v, 6) for k, v in s.items()}})
         for e, p, s in zip(examples, predictions, per_example, strict=True)
     ]
-    atomic_write_text(output / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    # Staged and moved in together, metrics.json last: its presence means the evaluation is complete.
+    with staged_directory(output, last=("metrics.json",)) as staging:
+        atomic_write_text(staging / "predictions.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_text(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 __all__ = [
     "EvalConfig",
+    "FormatOverrides",
     "GenerationSettings",
     "METRICS",
     "REFERENCE_MODES",
     "ROUGE_TYPES",
     "ScoringSettings",
     "check_available",
+    "eval_format",
     "evaluate",
     "generate_predictions",
     "load_for_inference",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..data import read_examples
+from ..data import load_examples
 from ..evaluate import METRICS, REFERENCE_MODES, ROUGE_TYPES, metric_keys, score_fields
 from ..io.files import atomic_write_text
 from .config import BASELINE, Entry, ExperimentConfig
@@ -160,7 +160,7 @@ def examples(cfg: ExperimentConfig, methods: list[dict[str, Any]]) -> list[dict[
     """The first ``example_rows`` evaluation rows with every finished entry's prediction."""
     if cfg.example_rows == 0:
         return []
-    rows = read_examples(cfg.eval_data, cfg.format.input_field, cfg.format.target_field, limit=cfg.example_rows)
+    rows = load_examples(cfg.eval_data, cfg.format, limit=cfg.example_rows)[0]
     out = [{"row": e.row, "input": e.source, "references": e.references, "predictions": {}} for e in rows]
     for m in methods:
         path = Path(cfg.output) / m["run_dir"] / "eval" / "predictions.jsonl"

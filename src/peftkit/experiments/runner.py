@@ -107,7 +107,9 @@ def entry_spec(cfg: ExperimentConfig, entry: Entry, data: dict[str, Any]) -> dic
         "model": cfg.model,
         "eval_data": data["eval"],
         # The metrics are not in it: scoring other metrics re-evaluates a finished entry, it does not retrain it.
-        "eval": {k: v for k, v in evaluation.items() if k not in ("output", "data", "model", "adapter", "scoring")} | {"limit": cfg.eval_limit},
+        # check_values only refuses broken adapters; it changes no result, so finished entries stay valid.
+        "eval": {k: v for k, v in evaluation.items() if k not in ("output", "data", "model", "adapter", "scoring", "check_values")}
+        | {"limit": cfg.eval_limit},
         "latency_rows": cfg.latency_rows,
     }
     if train is not None:

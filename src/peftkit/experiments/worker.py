@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import EvalConfig, evaluate, load_for_inference, score_fields
+from ..evaluate import EvalConfig, eval_format, evaluate, load_for_inference, score_fields
 from ..evaluate.forgetting import ForgettingSettings, forgetting, general_scores
 from ..io.files import atomic_write_text
 from ..train import TrainConfig, train
@@ -111,7 +111,8 @@ def _run(spec: dict[str, Any], run_dir: Path, name: str) -> dict[str, Any]:
         if rows:
             say(f"timing generation on {rows} rows, one at a time" + (" (unmerged and merged)" if adapter else ""))
         ev = from_dict(EvalConfig, spec["eval"])
-        latency = measure_latency(model, adapter, ev.data, ev.format, ev.generation, rows, cpu=ev.cpu)
+        fmt = eval_format(ev.format, adapter, model, ev.override_training_format)[0]  # the prompts evaluation used
+        latency = measure_latency(model, adapter, ev.data, fmt, ev.generation, rows, cpu=ev.cpu)
         atomic_write_text(latency_path, json.dumps(latency, indent=2) + "\n")
     latency = json.loads(latency_path.read_text(encoding="utf-8"))
 

@@ -126,7 +126,10 @@ class LayerTuner(Tuner):
         # As in ``peft``, a module trained in full is never also a target, nor is anything inside it (the
         # ``dense``/``out_proj`` of RoBERTa's classification head under "all-linear").
         targets = [t for t in self.find_targets() if not any(t == c or t.startswith(c + ".") for c in copies)]
-        # Build every layer before touching the model, so a failure leaves it unchanged.
+        # Check every target, then build every layer, before touching the model: a failure leaves it
+        # unchanged, and a size no layer can take is refused before anything is allocated.
+        for path in targets:
+            self.check_layer(get_submodule(self.model, path), path)
         layers = {path: self.make_layer(get_submodule(self.model, path), path) for path in targets}
         for path in copies:
             layers[path] = ModuleCopy(get_submodule(self.model, path))
@@ -141,6 +144,10 @@ class LayerTuner(Tuner):
     # --- what a method file provides -------------------------------------------------------------
     def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
         raise NotImplementedError
+
+    def check_layer(self, module: nn.Module, path: str) -> None:
+        """Raise a ValueError if the config cannot fit ``module`` (called for every target before any
+        ``make_layer``, so nothing is allocated for a config that fails)."""
 
     def target_modules(self) -> Any:
         targets = self.config.target_modules

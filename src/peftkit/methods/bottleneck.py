@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import LINEAR_TYPES, Conv1D, get_submodule, model_type, name_matches, named_base_modules
+from ..inject import LINEAR_TYPES, Conv1D, check_regex, get_submodule, model_type, name_matches, named_base_modules
 from ..presets import Preset, register_preset
 from ..registry import register
 from .base import AdapterLayer, LayerTuner
@@ -154,8 +154,10 @@ class BottleneckConfig(PeftConfig):
 
 
 def _module_names(value, field_name: str, regex_ok: bool = True):
-    if value is None or (regex_ok and isinstance(value, str)):
+    if value is None or value == "all-linear":
         return value
+    if regex_ok and isinstance(value, str):
+        return check_regex(value, f"BottleneckConfig: {field_name}")
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
     kinds = "a non-empty list of module names, a regex string or None" if regex_ok else "a non-empty list of module names or None"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig
-from ..inject import Conv1D, get_submodule
+from ..inject import Conv1D, check_regex, get_submodule
 from ..io.keys import HF_PREFIX
 from ..presets import Preset, register_preset
 from ..registry import register
@@ -119,9 +119,11 @@ class LoraConfig(PeftConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = _names(list(self.modules_to_save), "modules_to_save")
         for key, rank in self.rank_pattern.items():
+            check_regex(str(key), "LoraConfig: rank_pattern key")
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}.")
         for key, alpha in self.alpha_pattern.items():
+            check_regex(str(key), "LoraConfig: alpha_pattern key")
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a positive number, got {alpha!r}.")
 
@@ -131,11 +133,26 @@ class LoraConfig(PeftConfig):
 
 def _names(value, field_name: str):
     """Normalise a module-name spec: None, a regex string, or a sorted list of names."""
-    if value is None or isinstance(value, str):
+    if value is None or value == "all-linear":
         return value
+    if isinstance(value, str):
+        return check_regex(value, field_name if ":" in field_name else f"LoraConfig: {field_name}")
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
     raise ValueError(f"{field_name} must be a list of module names, a regex string or None, got {value!r}.")
+
+
+def _layer_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """(input size, output size) of the matrix LoRA adapts: a Conv2d's input is a whole receptive field."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)  # stored (in, out)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+    return None
 
 
 def _lookup(patterns: dict, module_path: str, default):
@@ -364,6 +381,16 @@ class LoraTuner(LayerTuner):
     supported = (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d)
     default_targets = LORA_DEFAULT_TARGETS
     mergeable = True
+
+    def check_layer(self, module: nn.Module, path: str) -> None:
+        r, _ = self.config.rank_and_alpha(path)
+        sizes = _layer_sizes(module)
+        if sizes is not None and r > min(sizes):
+            raise ValueError(
+                f"LoraConfig: r={r} is more than {path} ({type(module).__name__}, input {sizes[0]}, output {sizes[1]}) "
+                f"allows: B A has rank at most {min(sizes)}, the smaller size. Lower r, or give this layer its own rank "
+                "with rank_pattern."
+            )
 
     def make_layer(self, module: nn.Module, path: str) -> AdapterLayer:
         c = self.config

@@ -133,7 +133,13 @@ def add_weighted_adapter(
         targets += [t for t in names if t not in targets]
     config = dataclasses.replace(configs[0], r=rank, lora_alpha=rank, target_modules=targets, rank_pattern={},
                                  alpha_pattern={})
-    model.add_adapter(adapter_name, config)
+    try:
+        model.add_adapter(adapter_name, config)  # refuses a rank larger than a target layer allows
+    except ValueError as e:
+        if combination_type == "cat" or combination_type.endswith("svd"):
+            source = "svd_rank" if combination_type.endswith("svd") else "the sum of the ranks ('cat')"
+            raise ValueError(f"{source} is {rank}: {e}") from None
+        raise
     try:
         with torch.no_grad():
             for path, host in list(hosts(model._tuner(adapter_name).model)):

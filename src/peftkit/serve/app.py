@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import signal
 import socket
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..tuner import BASE
 from . import schemas
+from .adapters import OutsideRoot, confined
 from .config import ServeConfig
 from .engine import AdapterNotFound, Engine, EngineStopped, Output, QueueFull, SamplingParams
 from .engine import Request as GenRequest
@@ -62,7 +64,12 @@ def build(config: ServeConfig) -> tuple[FastAPI, Engine]:
     for name, path in config.adapters.items():
         if name == config.model_name:
             raise ValueError(f"Adapter name {name!r} is the base model's name; pick another.")
-        engine.load_adapter(name, path).result()
+        try:
+            engine.load_adapter(name, path).result()
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # one line for the command line, whatever the loader raised
+            raise ValueError(f"--adapter {name}={path}: {_reason(e)}") from e
     app = create_app(engine, tokenizer, model_name=config.model_name, api_key=config.api_key, adapter_root=config.adapter_root)
     return app, engine
 
@@ -146,19 +153,30 @@ class _Server:
         if self.adapter_root is None:
             raise APIError(403, "Loading adapters at run time is off: start the server with --adapter-root DIR.",
                            code="adapter_root_not_set")
-        path = Path(body.lora_path)
-        path = (path if path.is_absolute() else self.adapter_root / path).resolve()
-        if not path.is_relative_to(self.adapter_root):
-            raise APIError(403, f"lora_path {body.lora_path!r} is outside the adapter root {self.adapter_root}.",
-                           code="path_not_allowed", param="lora_path")
-        if not (path / "adapter_config.json").is_file():
+        try:
+            path = confined(body.lora_path, self.adapter_root)
+            has_config = (path / "adapter_config.json").is_file()
+        except OutsideRoot as e:
+            raise APIError(403, f"lora_path {e}", code="path_not_allowed", param="lora_path") from None
+        except (OSError, ValueError, RuntimeError) as e:  # NUL byte, name too long, a loop of links ...
+            raise bad_request(f"lora_path {body.lora_path[:200]!r} is not a usable path: {e}", "lora_path") from None
+        if not has_config:
             raise bad_request(f"{body.lora_path!r} has no adapter_config.json.", "lora_path")
         if body.lora_name == self.model_name:
             raise bad_request(f"{body.lora_name!r} is the base model's name; pick another.", "lora_name")
         try:
-            await asyncio.wrap_future(self.engine.load_adapter(body.lora_name, str(path)))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise bad_request(f"Could not load adapter {body.lora_name!r}: {e}", "lora_path") from None
+            future = self.engine.load_adapter(body.lora_name, str(path))
+        except ValueError as e:  # a bad or taken name
+            raise bad_request(str(e), "lora_name") from None
+        try:
+            await asyncio.wrap_future(future)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise APIError(503, f"Out of memory while loading adapter {body.lora_name!r}: {e}", code="out_of_memory") from None
+        except Exception as e:
+            # The adapter itself is the problem (unservable, invalid config, unreadable or mismatched
+            # tensors, sizes that cannot be allocated); the engine has left the model as it was.
+            raise APIError(422, f"Could not load adapter {body.lora_name!r}: {_reason(e)}",
+                           code="adapter_not_loadable", param="lora_path") from None
         return {"object": "lora_adapter", "id": body.lora_name, "path": str(path), "status": "loaded"}
 
     async def unload_lora_adapter(self, body: schemas.UnloadLoraRequest) -> dict:
@@ -213,9 +231,13 @@ class _Server:
                 raise bad_request(f"The prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
                                   f"context of {limit} tokens; lower max_tokens.", "max_tokens")
             for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j  # n > 1: different, still repeatable samples
+                # n > 1: different, still repeatable samples. Wrapped into the unsigned 64-bit seeds torch takes.
+                seed = None if body.seed is None else (body.seed + j) % 2**64
                 params = SamplingParams(max_tokens, body.temperature, body.top_p, stop, seed)
                 requests.append(GenRequest(ids, adapter, params, _emitter(loop, queue, len(requests))))
+        if len(requests) > self.engine.max_queue:  # no retry can help: refuse, do not ask to retry later (429)
+            raise bad_request(f"This request asks for {len(requests)} completions (n x prompts); this server queues at "
+                              f"most {self.engine.max_queue}. Lower n or send fewer prompts per request.", "n")
         try:
             self.engine.submit(requests)
         except QueueFull as e:
@@ -236,15 +258,13 @@ class _Server:
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         texts, reasons = [""] * len(requests), [None] * len(requests)
+        watcher = asyncio.create_task(_abort_on_disconnect(http, self.engine, requests))
         try:
             pending = len(requests)
             while pending:
-                try:
-                    i, out = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        return Response(status_code=499)  # nobody is listening; the finally block frees the slots
-                    continue
+                i, out = await queue.get()
+                if out.finish_reason == "abort" and watcher.done():
+                    return Response(status_code=499)  # the client has gone; nobody reads this
                 if out.error:
                     raise APIError(500, f"Generation failed: {out.error}")
                 if out.finish_reason == "abort":
@@ -253,6 +273,7 @@ class _Server:
                 if out.finish_reason:
                     reasons[i], pending = out.finish_reason, pending - 1
         finally:
+            watcher.cancel()
             self.engine.abort([r for r in requests if not r.finished])
         use = schemas.usage(prompt_tokens, sum(len(r.generated) for r in requests))
         build = schemas.chat_completion if chat else schemas.completion
@@ -289,6 +310,23 @@ class _Server:
             yield "data: [DONE]\n\n"
         finally:  # also runs when the client disconnects and the response task is cancelled
             self.engine.abort([r for r in requests if not r.finished])
+
+
+async def _abort_on_disconnect(http: Request, engine: Engine, requests: list[GenRequest]) -> None:
+    """Wait for the client of a non-streaming request to hang up, then abort its requests: their batch
+    slots free up at the engine's next step instead of decoding to max_tokens for nobody. (A streaming
+    response notices by itself: writing to a closed connection cancels it.)"""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    engine.abort([r for r in requests if not r.finished])
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as a client should read it: the message, with the class name where it adds meaning."""
+    if isinstance(error, re.error) and error.pattern is not None:
+        return f"invalid regular expression {error.pattern!r}: {error.msg}"
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return message if isinstance(error, (ValueError, KeyError, OSError)) else f"{type(error).__name__}: {message}"
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):

@@ -75,7 +75,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     (the smallest set of tokens whose probability reaches ``top_p``) at that temperature."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so the largest is 0: a small temperature then sends the others towards -inf (probability 0)
+    # instead of overflowing to inf - inf = NaN. Softmax is unchanged by the shift.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the first token always stays

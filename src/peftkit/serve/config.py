@@ -21,7 +21,8 @@ class ServeConfig:
         api_key: When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         max_batch_size: Most requests decoded together in one forward pass. Larger batches raise
             throughput until the machine saturates, at the cost of per-token latency.
-        max_queue: Most requests waiting for a batch slot; beyond it clients get 429 and should retry.
+        max_queue: Most requests waiting for a batch slot; beyond it clients get 429 and should retry. One
+            request asking for more completions (n x prompts) than this can never fit and gets 400.
         adapter_root: Directory under which ``POST /v1/load_lora_adapter`` may load adapters. Unset,
             loading at run time is refused (a client could otherwise read any path the server can).
         max_model_len: Longest prompt + completion, in tokens (default: the model's limit). Lower it to

@@ -31,9 +31,9 @@ from transformers import DynamicCache
 
 from ..inject import check_adapter_name
 from ..model import PeftModel
-from ..registry import tuner_for
 from ..tuner import BASE
 from . import batch
+from .adapters import attach
 from .text import TextStream
 
 
@@ -49,6 +49,13 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down and accepts no new requests."""
 
 
+MIN_TEMPERATURE = 0.01
+"""Smallest positive temperature. Below it sampling is greedy in all but name, and dividing logits by a
+temperature near zero overflows (1e-300 is 0 in float32); send 0 for greedy decoding."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds a torch generator takes: any signed or unsigned 64-bit integer."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks tokens. ``temperature`` 0 means greedy; ``seed`` makes sampling repeatable."""
@@ -60,12 +67,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if not 0 <= self.temperature:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {self.temperature!r}.")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be strings, got {self.stop!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}.")
 
 
 @dataclass
@@ -263,16 +275,7 @@ class Engine:
 
     def _load(self, name: str, path: str, future: Future) -> None:
         try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-            config = self.model.peft_config[name]
-            if not tuner_for(config).mixed_batch:
-                self.model.delete_adapter(name)
-                raise ValueError(
-                    f"{type(config).__name__} adapters cannot share a batch with other adapters, which the server needs."
-                )
+            self.model = attach(self.model, name, path)  # all or nothing: on error the model is as it was
         except Exception as e:
             with self._cond:
                 self._loading.discard(name)
@@ -325,7 +328,7 @@ class Engine:
             try:
                 with torch.inference_mode():
                     self._step()
-            except Exception as e:  # e.g. out of memory: fail this batch, keep serving
+            except Exception as e:  # the shared decoding step failed (out of memory): fail its rows, keep serving
                 self._fail([*self._rows, *(r for r in self._admitted if r not in self._rows)], e)
             finally:
                 with self._cond:
@@ -356,10 +359,35 @@ class Engine:
         return admitted
 
     def _prefill(self, new: list[Request]) -> None:
+        """Prefill ``new`` together and let the rows that go on join the running batch. If the forward pass
+        fails, prefill each request alone, so that only one that fails by itself gets an error. Running
+        rows are untouched either way: a prefill builds a cache of its own."""
+        try:
+            prefilled = self._prefill_forward(new)
+        except Exception as e:
+            if len(new) == 1:
+                self._fail_alone(new[0], e)
+                return
+            for r in new:
+                try:
+                    alone = self._prefill_forward([r])
+                except Exception as e:
+                    self._fail_alone(r, e)
+                else:
+                    self._join([r], *alone)
+            return
+        self._join(new, *prefilled)
+
+    def _prefill_forward(self, new: list[Request]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """``(logits, cache, mask)`` of the prompts of ``new``, left-padded into one batch."""
         ids, mask = batch.left_padded([r.prompt_ids for r in new], self.pad_id, self.device)
         cache = DynamicCache()
         logits = self._forward(ids, mask, batch.positions_from_mask(mask), cache, [r.adapter for r in new])
         self.counters["prefills"] += 1
+        return logits, cache, mask
+
+    def _join(self, new: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Sample each new row's first token; the rows that did not finish join the running batch."""
         for r in new:
             r.position = len(r.prompt_ids)
         done = self._advance(new, logits)
@@ -407,36 +435,47 @@ class Engine:
         return self.model(**kwargs).logits[:, -1, :]
 
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> set[int]:
-        """Sample one token per row, emit the new text; returns the indices of rows that finished."""
+        """Sample one token per row, emit the new text; returns the indices of rows that finished.
+        A row that fails here (its sampler, its text, its client's callback) finishes with its own
+        error; the other rows go on as if it had never been in the batch."""
         greedy = logits.argmax(-1).tolist()
         done = set()
         for i, r in enumerate(rows):
-            p = r.params
-            if p.temperature > 0:
-                if r.generator is None:
-                    seed = p.seed if p.seed is not None else random.getrandbits(63)
-                    r.generator = torch.Generator(device=logits.device).manual_seed(seed)
-                token = batch.sample(logits[i], p.temperature, p.top_p, r.generator)
-            else:
-                token = greedy[i]
-            r.generated.append(token)
-            self.counters["tokens"] += 1
-            reason = None
-            if token in self.eos_ids:
-                reason = "stop"
-            elif len(r.generated) >= p.max_tokens or r.position + 1 >= self.max_model_len:
-                reason = "length"
-            text_ids = r.generated[:-1] if reason == "stop" else r.generated
-            piece, stopped = r.text.update(text_ids, final=reason is not None)
-            if stopped:
-                reason = "stop"
-            if reason is not None:
-                r.finished = True
+            try:
+                finished = self._advance_row(r, logits[i], greedy[i])
+            except Exception as e:
+                self._fail_alone(r, e)
+                finished = True
+            if finished:
                 done.add(i)
-                self.counters["finished"] += 1
-            if piece or reason:
-                r.emit(Output(piece, reason, len(r.prompt_ids), len(r.generated)))
         return done
+
+    def _advance_row(self, r: Request, logits: torch.Tensor, greedy: int) -> bool:
+        p = r.params
+        if p.temperature > 0:
+            if r.generator is None:
+                seed = p.seed if p.seed is not None else random.getrandbits(63)
+                r.generator = torch.Generator(device=logits.device).manual_seed(seed)
+            token = batch.sample(logits, p.temperature, p.top_p, r.generator)
+        else:
+            token = greedy
+        r.generated.append(token)
+        self.counters["tokens"] += 1
+        reason = None
+        if token in self.eos_ids:
+            reason = "stop"
+        elif len(r.generated) >= p.max_tokens or r.position + 1 >= self.max_model_len:
+            reason = "length"
+        text_ids = r.generated[:-1] if reason == "stop" else r.generated
+        piece, stopped = r.text.update(text_ids, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        if reason is not None:
+            r.finished = True
+            self.counters["finished"] += 1
+        if piece or reason:
+            r.emit(Output(piece, reason, len(r.prompt_ids), len(r.generated)))
+        return reason is not None
 
     def _keep(self, keep: list[int]) -> None:
         if keep:
@@ -458,7 +497,7 @@ class Engine:
         for r in gone:
             r.finished = True
             self.counters["aborted"] += 1
-            r.emit(Output(finish_reason="abort", prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
+            _emit_quietly(r, Output(finish_reason="abort", prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         self.counters["errors"] += 1
@@ -466,7 +505,23 @@ class Engine:
         for r in requests:
             if not r.finished:
                 r.finished = True
-                r.emit(Output(error=f"{type(error).__name__}: {error}"))
+                _emit_quietly(r, Output(error=f"{type(error).__name__}: {error}"))
+
+    def _fail_alone(self, r: Request, error: Exception) -> None:
+        """End one request with ``error``; its row (if running) leaves at the caller's next ``_keep``."""
+        self.counters["errors"] += 1
+        if not r.finished:
+            r.finished = True
+            _emit_quietly(r, Output(error=f"{type(error).__name__}: {error}",
+                                    prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
+
+
+def _emit_quietly(r: Request, out: Output) -> None:
+    """The last word to a request that failed: a callback that fails too has nobody left to tell."""
+    try:
+        r.emit(out)
+    except Exception:
+        pass
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

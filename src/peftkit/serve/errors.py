@@ -24,6 +24,7 @@ TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -54,6 +55,22 @@ def model_not_found(name: str, known: list[str]) -> APIError:
     return APIError(404, f"The model {name!r} does not exist. Served models: {', '.join(known)}.", code="model_not_found", param="model")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple) -> str | None:
+    """The request field a validation error is about: ``stop`` for ``("body", "stop", "str")``. Pydantic
+    names the member of a union it tried (``str``, ``list[int]``) in the path; that is no field."""
+    parts = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (p in _TYPE_TAGS or "[" in p):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or None
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -66,7 +83,7 @@ def install_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
         first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
-        param = ".".join(str(p) for p in first if p != "body") or None
+        param = _field_path(first)
         return APIError(400, "Invalid request: " + "; ".join(problems), code="invalid_request", param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .engine import MIN_TEMPERATURE, SEED_RANGE
 from .errors import bad_request
 
 
@@ -30,7 +31,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -41,6 +42,14 @@ class _Common(BaseModel):
     def _null_means_default(cls, data: Any) -> Any:
         # Clients send ``"temperature": null`` for "not set"; let the defaults above apply.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_greedy_or_usable(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding or a temperature of at least {MIN_TEMPERATURE} "
+                             "(smaller ones are greedy in all but name and overflow when logits are divided by them)")
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -139,7 +148,14 @@ class LoadLoraRequest(BaseModel):
     """``POST /v1/load_lora_adapter``, as vLLM names it."""
 
     lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+    @field_validator("lora_name", "lora_path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
 
 
 class UnloadLoraRequest(BaseModel):

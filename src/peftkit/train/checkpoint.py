@@ -10,6 +10,10 @@
 
 A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place when complete, so a
 run killed at any moment leaves only whole checkpoints behind; older ones are deleted afterwards.
+
+The run's result (:func:`save_final`: the adapter or the whole model, the tokenizer, ``run.json``) is
+staged beside ``OUTPUT`` and moved in with ``run.json`` last: ``run.json`` exists only next to a complete
+result.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io.files import atomic_write_text, save_tensors
+from ..io.files import atomic_write_text, remove_stale, save_tensors, staged_directory, tensor_bytes
 
 CHECKPOINTS = "checkpoints"
+# The files whose presence says the run folder's result is complete: moved in last, run.json very last.
+FINAL_MARKERS = ("config.json", "adapter_config.json", "run.json")
 
 
 def checkpoint_path(output: Path, step: int) -> Path:
@@ -57,17 +64,24 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    tensors, info = _rng_state()
-    save_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", tensors)
-    atomic_write_text(tmp / f"rng-{accelerator.process_index}.json", json.dumps(info))
-    accelerator.wait_for_everyone()
+    try:
+        tensors, info = _rng_state()
+        save_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", tensors)
+        atomic_write_text(tmp / f"rng-{accelerator.process_index}.json", json.dumps(info))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_tensors(tmp / "trainable.safetensors", trainable_parameters(model))
+            opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+            save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            atomic_write_text(tmp / "optimizer.json", json.dumps(opt_info))
+            atomic_write_text(tmp / "scheduler.json", json.dumps(scheduler.state_dict()))
+            atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
+    except Exception:
+        # A failed write (a full disk) leaves no partial checkpoint; a kill leaves .tmp-step-*, which
+        # nothing reads and the next run removes (remove_stale_checkpoints).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        save_tensors(tmp / "trainable.safetensors", trainable_parameters(model))
-        opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
-        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        atomic_write_text(tmp / "optimizer.json", json.dumps(opt_info))
-        atomic_write_text(tmp / "scheduler.json", json.dumps(scheduler.state_dict()))
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         older = sorted(p for p in final.parent.glob("step-*") if p.name < final.name)
@@ -75,6 +89,34 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_stale_checkpoints(output: Path) -> None:
+    """Before a run writes to ``output``: remove what killed runs left behind there (temporary files,
+    unfinished checkpoints, staging folders), and finish a final save that was interrupted while moving in."""
+    remove_stale(output.parent)
+    remove_stale(output)
+    for tmp in (output / CHECKPOINTS).glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale(output / CHECKPOINTS)
+
+
+def save_final(
+    output: Path, model: nn.Module, tokenizer, run: dict[str, Any], full_model: bool, extra: Callable[[Path], Any] | None = None
+) -> None:
+    """The run's result into ``output``: the adapter (or, with ``full_model``, the trained model itself),
+    the tokenizer, what ``extra(folder)`` writes, and ``run.json``, staged and moved in with ``run.json``
+    last (see ``staged_directory``)."""
+    # Full fine-tuning: merging keeps what training changed (its weights are the base weights; it refuses
+    # a plain unload, which would have to restore the originals).
+    result = model.merge_and_unload() if full_model else model
+    size = tensor_bytes(p for p in result.parameters() if full_model or p.requires_grad)
+    with staged_directory(output, last=FINAL_MARKERS, size=size) as staging:
+        result.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
+        atomic_write_text(staging / "run.json", json.dumps(run, indent=2) + "\n")
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -23,11 +23,14 @@ class TrainConfig:
     Args:
         model: A local Hugging Face model directory, a hub id (when online) or a catalogue name
             (``peftkit models list``).
-        data: Training data: a .jsonl, .json or .csv file (DialogSum fields by default, see ``format``).
+        data: Training data: a .jsonl, .json or .csv file, or a Hugging Face hub dataset ``org/name[:split]``
+            (online, with ``pip install peftkit[datasets]``; split ``train`` by default). Chat ``messages``,
+            ``prompt``/``completion`` and ``instruction``/``input``/``output`` rows are recognised; other
+            fields are named with --input-field/--target-field (DialogSum's by default), see ``format``.
         output: Directory for the adapter (or full model), tokenizer, logs and checkpoints.
         method: The PEFT method (all registered ones are listed below); its options are in ``method_options``.
         method_options: Rank, alpha, target modules, ... (each method uses some of them).
-        format: Input/target fields, the prompt template, truncation.
+        format: The row layout, input/target fields, the prompt template, truncation.
         epochs: Passes over the data (fractions allowed); ignored when ``max_steps`` is set.
         max_steps: Optimizer steps to run; overrides ``epochs``.
         limit: Use only the first N training rows (quick experiments).

@@ -32,15 +32,15 @@ from ..data import (
     collate_for_training,
     encode_examples,
     load_encoded,
-    read_examples,
+    load_examples,
     sorted_batches,
 )
 from ..hub import is_seq2seq, load_model
-from ..io.files import atomic_write_text
+from ..io.files import append_line, atomic_write_text
 from ..model import get_peft_model
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
 from ..presets import build_config, get_preset
-from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
 from .tracking import CURVE, RUN_NAME, resolve_report_to, tracker_config, write_loss_curve
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
     preset, peft_config = get_preset(cfg.method), build_config(cfg.method, cfg.method_options)  # bad options fail fast
     lr = cfg.lr if cfg.lr is not None else preset.default_lr
-    train_examples = read_examples(cfg.data, cfg.format.input_field, cfg.format.target_field, limit=cfg.limit)
+    train_examples, data_format, data_notes = load_examples(cfg.data, cfg.format, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
     model = get_peft_model(base, peft_config)
@@ -98,8 +98,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"({100 * trainable / total:.4f}%); lr {lr:g}{'' if cfg.lr is not None else ' (the method default)'}; precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
     # --- data: tokenized once; batches are lists of example indices -------------------------------
-    train_set = encode_examples(train_examples, tokenizer, cfg.format, seq2seq)
-    eval_set = load_encoded(cfg.eval_data, tokenizer, cfg.format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
+    train_set = encode_examples(train_examples, tokenizer, data_format, seq2seq)
+    for note in data_notes:
+        say(f"peftkit train: {note}")
+    eval_set = load_encoded(cfg.eval_data, tokenizer, data_format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
     for name, encoded in (("training", train_set), ("evaluation", eval_set)):
         if encoded is not None and encoded.describe():
             say(f"peftkit train: {name} data: {encoded.describe()}")
@@ -125,6 +127,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- resume ------------------------------------------------------------------------------------
     step, elapsed_before = 0, 0.0
+    if main:
+        remove_stale_checkpoints(output)  # what a killed run left behind: temporary files, unfinished saves
+    accelerator.wait_for_everyone()
     checkpoint = latest_checkpoint(output)
     if checkpoint is not None and not cfg.resume:
         raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
@@ -237,13 +242,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- save: the adapter in the Hugging Face PEFT format, or the complete model --------------------
     run: dict[str, Any] = {}
     if main:
-        if preset.saves_full_model:
-            # The trained model itself: merging keeps what training changed (full fine-tuning's weights
-            # are the base weights; it refuses a plain unload, which would have to restore the originals).
-            model.merge_and_unload().save_pretrained(output)
-        else:
-            model.save_pretrained(output)
-        tokenizer.save_pretrained(output)
         run = {
             "peftkit_version": __version__,
             "config": dataclasses.asdict(cfg),
@@ -251,6 +249,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "lr": lr,
             "saves_full_model": preset.saves_full_model,
             "seq2seq": seq2seq,
+            "format": {**dataclasses.asdict(data_format), "chat_template_used": train_set.chat_template_used},
             "device": str(device),
             "processes": world,
             "precision": "bf16" if use_bf16 else "fp32",
@@ -272,8 +271,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "wall_time_s": elapsed_before + time.perf_counter() - started,
             **peak_memory(device),
         }
-        write_loss_curve(output / "train_log.jsonl", output / CURVE)
-        atomic_write_text(output / "run.json", json.dumps(run, indent=2) + "\n")
+        curve = lambda folder: write_loss_curve(output / "train_log.jsonl", folder / CURVE)  # noqa: E731
+        save_final(output, model, tokenizer, run, preset.saves_full_model, extra=curve)  # staged; run.json moved in last
         say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
     for t in accelerator.trackers:  # flush and close the tracker's files
         t.finish()
@@ -382,12 +381,32 @@ class _TrainLog:
             return
         kept = []
         if path.is_file() and keep_up_to > 0:
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to]
+            kept = [line for line, record in _read_log(path) if record["step"] <= keep_up_to]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled and record:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
             if self.tracker is not None:  # the same numbers, under the same step
                 self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def _read_log(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of ``train_log.jsonl`` with their records. A kill (or a full disk) can cut the last line
+    short: that line is dropped, with a note; a damaged line before it is an error naming the line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as e:
+            if number == len(lines):
+                print(f"peftkit train: {path}: dropped its last line, cut off when the run was interrupted "
+                      f"({len(line)} characters: {line[:40]!r}...)", file=sys.stderr)
+                break
+            raise ValueError(f"--resume: {path}, line {number} is not a log record ({e}); delete that line "
+                             "(the steps it logged will be missing from the log) and resume again.") from None
+        out.append((line, record))
+    return out
