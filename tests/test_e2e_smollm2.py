@@ -46,6 +46,8 @@ def test_train_then_peft_loads_the_adapter_then_eval(tmp_path, monkeypatch):
     from peftkit.hub import ensure_cached
 
     base_dir = ensure_cached("smollm2-135m-instruct")
+    # The adapter names its base model by the Hugging Face id (peft loads that; peftkit maps it to its copy).
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("#Person1#: Hello, how are you?\n#Person2#: Fine, thanks. Summary:", return_tensors="pt")
     reference = ReferencePeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()

@@ -35,7 +35,7 @@ def test_a_catalogue_model_is_converted_once_into_the_cache(cache, tmp_path):
     assert hub.ensure_cached(hub.DEFAULT_MODEL, quiet=True) == first
     assert len(cache) == 1  # the second call reused the cache
     model, tok = hub.load_model(hub.DEFAULT_MODEL)
-    assert model.config._name_or_path == hub.DEFAULT_MODEL and not model.training and tok.pad_token_id is not None
+    assert model.config._name_or_path == hub.CATALOGUE[hub.DEFAULT_MODEL].hub_id and not model.training and tok.pad_token_id is not None
 
 
 def test_an_interrupted_conversion_leaves_nothing_that_looks_finished(cache, tmp_path, monkeypatch):

@@ -5,7 +5,15 @@
 """
 
 from . import methods  # noqa: F401  (registers every method)
-from .config import PeftConfig
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig, TaskType
+from .functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from .methods.bottleneck import BottleneckConfig
 from .methods.full import FullConfig
 from .methods.ia3 import IA3Config
@@ -19,6 +27,11 @@ from .model import PeftModel, get_peft_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BottleneckConfig",
     "FullConfig",
     "IA3Config",
@@ -29,5 +42,9 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
+    "TaskType",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
 ]

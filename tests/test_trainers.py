@@ -1,0 +1,134 @@
+"""transformers.Trainer and TRL's SFTTrainer train peftkit models as they train peft models.
+
+Tiny random Llama models; a few optimizer steps each. Saved adapters are checked by loading them in the
+real ``peft`` package and in peftkit and comparing logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build
+
+from peftkit import trainers
+from peftkit import LoraConfig, PeftModel, get_peft_model
+
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+ROWS, LENGTH = 8, 12
+
+
+def token_rows(seed: int = 0) -> dict[str, list]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (ROWS, LENGTH), generator=g)
+    return {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+
+
+def tokenizer(directory) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids stay below the tiny models' vocabulary (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 60)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def args(out, **kw) -> transformers.TrainingArguments:
+    defaults = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, save_steps=2,
+                    logging_steps=1, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    return transformers.TrainingArguments(**{**defaults, **kw})
+
+
+def lora_logits(adapter_dir, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``build("llama")`` with the adapter in ``adapter_dir``: loaded by peft, then by peftkit."""
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(build("llama"), str(adapter_dir)).eval()
+    ours = PeftModel.from_pretrained(build("llama"), adapter_dir).eval()
+    with torch.no_grad():
+        return theirs(**batch).logits, ours(**batch).logits
+
+
+def test_plain_trainer_keeps_the_input_columns_and_trains_with_checkpointing(tmp_path):
+    """Default arguments (remove_unused_columns=True) keep the columns the base model's forward takes."""
+    model = get_peft_model(build("llama"), LoraConfig(r=4))
+    rows = {**token_rows(), "text": ["unused"] * ROWS}
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, save_strategy="no", activation_checkpointing=True),
+                                   train_dataset=datasets.Dataset.from_dict(rows),
+                                   eval_dataset=datasets.Dataset.from_dict({**token_rows(2), "text": ["unused"] * ROWS}))
+    assert trainer.label_names == ["labels"]
+    assert trainer.evaluate()["eval_loss"] > 0  # labels found: the loss is computed in evaluation too
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before if ".lora_A." in n)  # every LoRA layer got gradients
+    assert model.get_base_model().is_activation_checkpointing
+
+
+def test_trainer_checkpoints_are_adapters_that_peft_loads_and_resume_continues(tmp_path):
+    batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
+    data = datasets.Dataset.from_dict(token_rows())
+    torch.manual_seed(0)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = trainers.Trainer(model=model, args=args(tmp_path / "run"), train_dataset=data)
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    theirs, ours = lora_logits(tmp_path / "final", batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ours, rtol=0, atol=0)
+
+    # Resume from step 2 in a fresh trainer: the adapter and optimizer come back, and the last two steps
+    # reproduce the uninterrupted run.
+    torch.manual_seed(0)
+    again = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    resumed = trainers.Trainer(model=again, args=args(tmp_path / "again"), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, ours, rtol=1e-5, atol=1e-5)
+    saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM"
+
+
+def test_sft_trainer_trains_a_peftkit_model_and_saves_an_adapter(tmp_path):
+    trl = pytest.importorskip("trl")
+    tok = tokenizer(tmp_path / "tok")
+    text = [" ".join(f"w{(3 + 7 * i + j) % 57 + 3}" for j in range(10)) for i in range(ROWS)]
+    data = datasets.Dataset.from_dict({"text": text})
+    config = trl.SFTConfig(**{**args(tmp_path / "sft").to_dict(), "max_length": 16, "activation_checkpointing": True,
+                              "save_steps": 4, "dataset_text_field": "text"})
+    # The documented route for a peftkit config: SFTTrainer from peftkit.trainers takes it as peft_config.
+    trainer = trainers.SFTTrainer(model=build("llama"), args=config, train_dataset=data, processing_class=tok,
+                                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = trainer.model
+    assert isinstance(model, PeftModel)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before and ".lora_A." in n)
+    assert trainer.state.log_history[0]["loss"] > 0
+    checkpoint = tmp_path / "sft" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    batch = tok(text[:2], return_tensors="pt")
+    theirs, ours = lora_logits(checkpoint, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   ours, rtol=0, atol=0)
+
+
+def test_sft_trainer_refuses_a_peftkit_config_with_a_model_name(tmp_path):
+    pytest.importorskip("trl")
+    with pytest.raises(TypeError, match="pass the model itself"):
+        trainers.SFTTrainer(model="some/model", peft_config=LoraConfig())
