@@ -22,6 +22,7 @@ from peftkit import (
     SelectiveConfig,
 )
 from peftkit.config import PeftConfig
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.selective import BIAS_PATTERNS, NORM_PATTERNS
 
 NO_BIASES = ("t5", "llama")  # architectures whose tiny models have no bias parameter at all
@@ -56,6 +57,7 @@ CASES: dict[str, Case] = {
     },
     "dora": Case(lambda arch: LoraConfig(r=4, lora_alpha=8, use_dora=True), noop_at_init=True, peft_type="LORA"),
     "ia3": Case(lambda arch: IA3Config(), noop_at_init=True, peft_type="IA3"),
+    "adalora": Case(lambda arch: AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8), noop_at_init=True, peft_type="ADALORA"),
     "bitfit": Case(
         lambda arch: None if arch in NO_BIASES else SelectiveConfig(patterns=BIAS_PATTERNS), True, "SELECTIVE"
     ),

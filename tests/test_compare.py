@@ -11,13 +11,19 @@ import tiny_pipeline as tiny
 from peftkit.cli import main
 from peftkit.data import PromptFormat
 from peftkit.evaluate import ScoringSettings
+from peftkit.evaluate.forgetting import ForgettingSettings
 from peftkit.experiments import REPORT_FIELDS, CompareConfig, SweepConfig, build_experiment_config, run_experiment
 from peftkit.experiments import worker as worker_module
+from peftkit.experiments.report import rank_choice, rank_choice_sentence
 from peftkit.experiments.runner import _execute, entry_spec, file_identity
 from peftkit.registry import get_preset
 from peftkit.train import TrainConfig
 from peftkit.train import loop as loop_module
 
+# Forgetting measured on a handful of short texts: the arithmetic, not the number, is under test here.
+SMALL = ForgettingSettings(general_texts=3, general_tokens=16, topic_rows=2, topic_tokens=16)
+SMALL_FLAGS = ["--general-texts", "3", "--general-tokens", "16", "--topic-rows", "2", "--topic-tokens", "16"]
+OFF_FLAGS = ["--general-texts", "0", "--topic-rows", "0"]
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +43,7 @@ def settings(work, output, cls=CompareConfig, **kw):
     """A few steps and rows on the tiny Llama, in this process (isolate=False keeps the tests fast)."""
     base = dict(model=work["llama"], train_data=work["train"], eval_data=work["eval"], output=str(output), max_steps=4,
                 batch_size=4, eval_limit=6, max_new_tokens=6, eval_batch_size=4, latency_rows=2, example_rows=2,
-                precision="fp32", isolate=False, log_every=2, **{"format.max_source_tokens": 48})
+                precision="fp32", isolate=False, log_every=2, **{"format.max_source_tokens": 48}, forgetting=SMALL)
     return build_experiment_config(cls, **{**base, **kw})
 
 
@@ -57,7 +63,8 @@ def compared(work):
                  "--output", str(out), "--methods", "baseline,full,lora,ia3", "--per-method", "lora.lr=5e-3,lora.r=4",
                  "--max-steps", "4", "--batch-size", "4", "--eval-limit", "6", "--max-new-tokens", "6",
                  "--eval-batch-size", "4", "--latency-rows", "2", "--example-rows", "2", "--precision", "fp32",
-                 "--no-isolate", "--max-source-tokens", "48", "--metrics", "rouge,token_f1,loss", "--reference-mode", "mean"])
+                 "--no-isolate", "--max-source-tokens", "48", "--metrics", "rouge,token_f1,loss", "--reference-mode", "mean",
+                 *SMALL_FLAGS])
     return code, out, report_of(out)
 
 
@@ -157,6 +164,21 @@ def test_training_and_latency_figures(compared):
     assert rows["baseline"]["latency_merged_s_per_example"] is None and rows["full"]["latency_merged_s_per_example"] is None
 
 
+def test_forgetting_is_each_entry_against_the_same_base_scores(compared):
+    _, out, report = compared
+    rows = by_name(report)
+    base = json.loads((out / "forgetting_base.json").read_text())["scores"]
+    for m in rows.values():
+        assert m["general_loss_base"] == base["general_loss"] and m["topic_accuracy_base"] == base["topic_accuracy"]
+        assert m["forgetting"] == pytest.approx(m["general_loss"] - m["general_loss_base"], abs=1e-12)
+        assert m["topic_accuracy_delta"] == pytest.approx(m["topic_accuracy"] - m["topic_accuracy_base"], abs=1e-12)
+    assert rows["baseline"]["forgetting"] == 0.0 and rows["baseline"]["topic_accuracy_delta"] == 0.0
+    # Training moved every trained model's loss on the general text (by how much is not under test).
+    assert all(rows[name]["forgetting"] != 0.0 for name in ("full", "lora", "ia3"))
+    assert "Forgetting (change of the mean per-token loss" in report["conclusion"]
+    assert "forgetting (Δ general loss)" in (out / "report.md").read_text()
+
+
 def test_report_markdown_plots_and_examples(compared, work):
     _, out, report = compared
     md = (out / "report.md").read_text()
@@ -165,7 +187,7 @@ def test_report_markdown_plots_and_examples(compared, work):
     assert report["conclusion"] and report["conclusion"] in md
     best = max((m for m in report["methods"] if m["method"] != "baseline"), key=lambda m: m["rougeL"])
     assert report["conclusion"].startswith(f"Best ROUGE-L: {best['name']} with {100 * best['rougeL']:.2f}")
-    assert report["plots"] == ["quality_vs_params.png", "costs.png"]
+    assert report["plots"] == ["quality_vs_params.png", "costs.png", "gain_vs_forgetting.png"]
     for plot in report["plots"]:
         data = (out / plot).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
@@ -183,7 +205,7 @@ def test_a_failing_method_is_reported_and_the_others_still_run(work, capsys):
     code = main(["compare", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
                  "--output", str(out), "--methods", "baseline,bitfit,lora", "--max-steps", "2", "--eval-limit", "4",
                  "--max-new-tokens", "4", "--latency-rows", "1", "--precision", "fp32", "--no-isolate",
-                 "--max-source-tokens", "48"])
+                 "--max-source-tokens", "48", *OFF_FLAGS])
     assert code == 1  # the command says that something failed
     rows = by_name(report_of(out))
     assert rows["bitfit"]["status"] == "failed" and "selects no parameter" in rows["bitfit"]["error"]
@@ -272,7 +294,7 @@ def test_rank_sweep(work, tmp_path):
         assert rows[f"lora-r{rank}-q_proj"]["trainable_params"] == 2 * rank * 64
         assert rows[f"lora-r{rank}-q_proj+v_proj"]["trainable_params"] == 2 * rank * (64 + 48)
         assert rows[f"lora-r{rank}-q_proj"]["method_options"]["lora_alpha"] == 2 * rank  # the same scale at every rank
-    assert report["plots"] == ["quality_vs_params.png", "costs.png", "rank_sweep.png"]
+    assert report["plots"] == ["quality_vs_params.png", "costs.png", "gain_vs_forgetting.png", "rank_sweep.png"]
     assert (tmp_path / "rank_sweep.png").read_bytes().startswith(PNG)
 
 
@@ -280,10 +302,36 @@ def test_sweep_command_line(work, tmp_path, capsys):
     code = main(["sweep", "--model", work["llama"], "--train-data", work["train"], "--eval-data", work["eval"],
                  "--output", str(tmp_path), "--ranks", "1,2", "--no-baseline", "--max-steps", "1", "--eval-limit", "2",
                  "--max-new-tokens", "2", "--latency-rows", "0", "--example-rows", "0", "--precision", "fp32",
-                 "--no-isolate", "--max-source-tokens", "48"])
+                 "--no-isolate", "--max-source-tokens", "48", *OFF_FLAGS, "--auto", "--tolerance", "100"])
     assert code == 0
-    assert [m["name"] for m in report_of(tmp_path)["methods"]] == ["lora-r1", "lora-r2"]
-    assert "| lora-r2 |" in capsys.readouterr().out
+    report = report_of(tmp_path)
+    assert [m["name"] for m in report["methods"]] == ["lora-r1", "lora-r2"]
+    # Every rank is within 100 points of the best: the smallest is chosen.
+    assert report["rank_choice"]["chosen"] == "lora-r1" and report["rank_choice"]["tolerance"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| lora-r2 |" in printed and "Rank chosen: r = 1 (lora-r1" in printed
+    assert "Rank chosen: r = 1" in (tmp_path / "report.md").read_text()
+
+
+def test_rank_choice_is_the_cheapest_rank_within_the_tolerance_of_the_best():
+    def row(rank, score, params, **kw):
+        return {"name": f"lora-r{rank}", "method": "lora", "status": "ok", "method_options": {"rank": rank}, "rougeL": score,
+                "trainable_params": params, "stored_bytes": 4 * params, "train_time_s": rank / 10, "forgetting": rank / 1000,
+                "run_dir": f"runs/lora-r{rank}", **kw}
+
+    rows = [{"name": "baseline", "method": "baseline", "status": "ok", "method_options": {}, "rougeL": 0.5},
+            row(2, 0.300, 100), row(4, 0.331, 200), row(8, 0.335, 400), row(16, 0.340, 800),
+            {"name": "lora-r32", "method": "lora", "status": "failed"}]
+    choice = rank_choice(rows, tolerance=0.01)
+    assert (choice["chosen"], choice["best"]) == ("lora-r4", "lora-r16")  # 0.331 >= 0.340 - 0.01; 0.300 is not
+    assert choice["params_saved"] == 600 and choice["params_fraction"] == 0.25 and choice["stored_bytes_saved"] == 2400
+    assert choice["train_time_saved_s"] == pytest.approx(1.2) and choice["chosen_adapter"] == "runs/lora-r4/train"
+    assert (choice["forgetting_chosen"], choice["forgetting_best"]) == (0.004, 0.016)
+    assert "within 1 point of the best, r = 16" in rank_choice_sentence(choice)
+    assert rank_choice(rows, tolerance=0.0)["chosen"] == "lora-r16"
+    assert "the best, and no smaller rank" in rank_choice_sentence(rank_choice(rows, tolerance=0.0))
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        SweepConfig(tolerance=-1)
 
 
 # --- settings that are refused before anything runs --------------------------------------------------

@@ -23,7 +23,7 @@ def test_compare_baseline_and_lora_on_smollm2(tmp_path, monkeypatch, capsys):
     code = main(["compare", "--train-data", str(DEMO / "demo_train.jsonl"), "--eval-data", str(DEMO / "demo_eval.jsonl"),
                  "--methods", "baseline,lora", "--per-method", "lora.lr=1e-3", "--max-steps", "2", "--batch-size", "2",
                  "--eval-limit", "3", "--max-new-tokens", "12", "--latency-rows", "1", "--example-rows", "1",
-                 "--threads", "1", "--output", str(out)])
+                 "--threads", "1", "--general-texts", "3", "--topic-rows", "5", "--output", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     baseline, lora = report["methods"]
@@ -39,6 +39,11 @@ def test_compare_baseline_and_lora_on_smollm2(tmp_path, monkeypatch, capsys):
         assert m["eval_examples"] == 3 and 0 < m["rouge1"] < 1 and m["latency_s_per_example"] > 0
         assert m["rougeL_delta"] == pytest.approx(m["rougeL"] - baseline["rougeL"])
     assert lora["latency_merged_s_per_example"] > 0 and lora["peak_train_memory_mb"] > 500  # the model alone is 540 MB
-    assert report["plots"] == ["quality_vs_params.png", "costs.png"] and all((out / p).stat().st_size > 10_000 for p in report["plots"])
+    # Forgetting: the base model's loss on news text is a language model's (a few nats per token), the
+    # baseline is the base model itself, and 2 steps of LoRA barely move it.
+    assert 1.5 < baseline["general_loss_base"] < 6 and baseline["forgetting"] == 0.0
+    assert lora["general_loss_base"] == baseline["general_loss_base"] and abs(lora["forgetting"]) < 0.5
+    assert 0 <= lora["topic_accuracy"] <= 1 and lora["topic_accuracy_delta"] == lora["topic_accuracy"] - baseline["topic_accuracy"]
+    assert report["plots"] == ["quality_vs_params.png", "costs.png", "gain_vs_forgetting.png"] and all((out / p).stat().st_size > 10_000 for p in report["plots"])
     printed = capsys.readouterr().out
     assert "| lora | 0.001 |" in printed and str(out / "report.md") in printed

@@ -140,6 +140,10 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.routing.active]
 
+    def tuner(self, adapter_name: str | None = None) -> Tuner:
+        """The :class:`~peftkit.tuner.Tuner` of ``adapter_name`` (default: the active adapter)."""
+        return self._tuners[adapter_name or self.active_adapter]
+
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Attach another adapter. It starts frozen and inactive: ``set_adapter`` selects it for training."""
         check_adapter_name(adapter_name)

@@ -41,13 +41,16 @@ def run(args: argparse.Namespace) -> int:
 
 def finish(report: dict, output: str) -> int:
     """Print the table, the conclusion and where the files are; exit 1 if an entry failed."""
-    from ..experiments.report import table
+    from ..experiments.report import rank_choice_sentence, table
 
     print()
     print(table(report["methods"]))
     print()
     print(report["conclusion"])
     print()
+    if report.get("rank_choice"):
+        print(rank_choice_sentence(report["rank_choice"]))
+        print()
     print(f"report: {output}/report.md (table, conclusion, example predictions) and {output}/report.json")
     for plot in report.get("plots", []):
         print(f"plot:   {output}/{plot}")

@@ -5,7 +5,9 @@ Example:
       --target-module-sets q_proj+v_proj,all-linear --max-steps 200 --eval-limit 100 --output runs/sweep
 
 The same report as `peftkit compare` (with the zero-shot baseline unless --no-baseline), plus
-rank_sweep.png: ROUGE and trainable parameters against rank. Entries are named METHOD-rRANK[-MODULES].
+rank_sweep.png: ROUGE, trainable parameters and forgetting against rank. Entries are named
+METHOD-rRANK[-MODULES]. With --auto it also names the smallest rank whose ROUGE-L is within --tolerance
+points of the best, and what it saves (parameters, bytes per task, training time).
 """
 
 from __future__ import annotations

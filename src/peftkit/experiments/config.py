@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..evaluate import EvalConfig, GenerationSettings, ScoringSettings
+from ..evaluate.forgetting import ForgettingSettings
 from ..options import build, coerce, field_types, read_yaml
 from ..registry import get_preset, presets
 from ..train import TrainConfig
@@ -67,6 +68,8 @@ class ExperimentConfig:
         latency_rows: Rows (the first ones of eval_data) generated one at a time to time each entry's
             latency per example; adapters that can merge are timed merged and unmerged. 0 skips it.
         example_rows: Rows of eval_data shown in report.md with every entry's prediction.
+        forgetting: Catastrophic forgetting: each entry's loss on held-out general text (BBC News articles)
+            and its zero-shot accuracy on an untrained task (their topics), against the base model's.
         threads: PyTorch CPU threads per entry (None: PyTorch's default). On a busy machine 1 can be faster.
         isolate: Run each entry in its own Python process: its peak memory is its own, and a crash (out of
             memory, a killed process) fails that entry only. Off: faster start, one process.
@@ -89,6 +92,7 @@ class ExperimentConfig:
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     latency_rows: int = 8
     example_rows: int = 3
+    forgetting: ForgettingSettings = field(default_factory=ForgettingSettings)
     threads: int | None = None
     isolate: bool = True
 
@@ -258,15 +262,23 @@ class SweepConfig(ExperimentConfig):
         target_module_sets: Several sets of modules to adapt, each swept over every rank: sets separated by
             commas, modules within a set by '+', e.g. q_proj+v_proj,all-linear (None: the method's default).
         baseline: Also evaluate the frozen base model zero-shot, the reference for every gain.
+        auto: Choose the rank for you: report the cheapest entry (fewest trainable parameters, so the
+            smallest rank) whose ROUGE-L is within --tolerance of the best, and what it saves against the best.
+        tolerance: How far below the best ROUGE-L (in points, x 100) the chosen rank may score. Differences
+            of about a point are noise on a few dozen evaluation rows: set it to what your evaluation can tell apart.
     """
 
     method: str = "lora"
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     target_module_sets: list[str] | None = None
     baseline: bool = True
+    auto: bool = False
+    tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 ROUGE-L points, got {self.tolerance!r}.")
         self.entries()
 
     def entries(self) -> list[Entry]:

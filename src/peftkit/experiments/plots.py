@@ -4,7 +4,11 @@
   baseline, which trains nothing, is a dashed line per metric.
 - ``costs.png``: peak training memory, training time, stored size per task (log scale) and generation
   latency per new token, one example at a time (unmerged and merged), for each entry.
-- ``rank_sweep.png`` (sweeps): ROUGE against rank, and trainable parameters against rank on a second axis.
+- ``gain_vs_forgetting.png``: the task gain (ROUGE-L over the zero-shot baseline, or ROUGE-L without one)
+  against forgetting (change of the general-text loss) per entry, with the Pareto front: the entries no
+  other entry beats on both (more gain and less forgetting).
+- ``rank_sweep.png`` (sweeps): ROUGE against rank, and trainable parameters against rank on a second axis;
+  a second panel shows forgetting against rank when it was measured.
 
 Failed entries are left out of every plot.
 """
@@ -31,7 +35,8 @@ def write_plots(output: Path, report: dict[str, Any]) -> list[str]:
     if not ok:
         return []
     written = []
-    for name, draw in (("quality_vs_params.png", _quality), ("costs.png", _costs), ("rank_sweep.png", _rank_sweep)):
+    for name, draw in (("quality_vs_params.png", _quality), ("costs.png", _costs), ("gain_vs_forgetting.png", _pareto),
+                       ("rank_sweep.png", _rank_sweep)):
         if name == "rank_sweep.png" and report["kind"] != "sweep":
             continue
         figure = draw(plt, ok, report)
@@ -94,6 +99,38 @@ def _costs(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
     return figure
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(forgetting, gain)`` that no other point beats on both (less forgetting and
+    more gain, one of them strictly), sorted by forgetting."""
+    front = [i for i, (f, g) in enumerate(points)
+             if not any(f2 <= f and g2 >= g and (f2, g2) != (f, g) for f2, g2 in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def _pareto(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
+    trained = [m for m in ok if m["method"] != BASELINE and m.get("forgetting") is not None]
+    if not trained:
+        return None
+    relative = all(m.get("rougeL_delta") is not None for m in trained)
+    points = [(m["forgetting"], 100 * (m["rougeL_delta"] if relative else m["rougeL"])) for m in trained]
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([f for f, _ in points], [g for _, g in points], color="tab:blue", zorder=3)
+    for m, (f, g) in zip(trained, points):
+        ax.annotate(m["name"], (f, g), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:green", linestyle="-",
+            linewidth=1, label="Pareto front (more gain, less forgetting)")
+    ax.axvline(0, color="gray", linestyle="--", linewidth=0.8)
+    if relative:
+        ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("forgetting: change of mean per-token loss on held-out general text (> 0: worse)")
+    ax.set_ylabel("ROUGE-L gain over the zero-shot baseline (points)" if relative else "ROUGE-L (x 100)")
+    ax.set_title(f"Task gain against forgetting: {report['settings']['model']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return figure
+
+
 def _bars(ax, names: list[str], values: list[float | None]) -> None:
     positions = range(len(names))
     bars = ax.bar(list(positions), [v or 0 for v in values], color="tab:blue")
@@ -115,7 +152,9 @@ def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
         modules = m["method_options"].get("target_modules")
         label = "default modules" if modules is None else modules if isinstance(modules, str) else "+".join(modules)
         groups.setdefault(label, []).append(m)
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    measured = [m for m in trained if m.get("forgetting") is not None]
+    figure, axes = plt.subplots(1, 2 if measured else 1, figsize=(13 if measured else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     params_axis = ax.twinx()
     for i, (label, members) in enumerate(groups.items()):
         members.sort(key=lambda m: m["method_options"]["r"])
@@ -141,4 +180,22 @@ def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
     lines, labels = ax.get_legend_handles_labels()
     more_lines, more_labels = params_axis.get_legend_handles_labels()
     ax.legend(lines + more_lines, labels + more_labels, fontsize=7, loc="best")
+    if measured:
+        _forgetting_vs_rank(axes[0][1], groups, ranks)
+        figure.tight_layout()
     return figure
+
+
+def _forgetting_vs_rank(ax, groups: dict[str, list[dict[str, Any]]], ranks: list[int]) -> None:
+    for i, (label, members) in enumerate(groups.items()):
+        members = [m for m in members if m.get("forgetting") is not None]
+        ax.plot([m["method_options"]["rank"] for m in members], [m["forgetting"] for m in members], marker="o",
+                color="tab:red", linestyle=("-", "-.", ":")[i % 3], label=label if len(groups) > 1 else "forgetting")
+    ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank r (log scale)")
+    ax.set_ylabel("change of general-text loss (> 0: forgetting)")
+    ax.set_title("Forgetting against rank", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")

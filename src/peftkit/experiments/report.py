@@ -63,6 +63,12 @@ REPORT_FIELDS: dict[str, str] = {
     "latency_new_tokens_per_example": "tokens generated per example in the latency runs",
     "latency_merged_s_per_example": "seconds per example with the adapter merged into the weights (null if it cannot merge)",
     "latency_merged_ms_per_token": "the same per generated token, in milliseconds",
+    "general_loss_base": "mean per-token loss of the base model before training on held-out general text (BBC News articles)",
+    "general_loss": "the same for this entry's model (adapter on); null when forgetting is not measured",
+    "forgetting": "general_loss minus general_loss_base, as PEFT's method comparison reports it: > 0 is forgetting",
+    "topic_accuracy_base": "zero-shot topic accuracy of the base model on news articles (a task no entry trains on)",
+    "topic_accuracy": "the same for this entry's model",
+    "topic_accuracy_delta": "topic_accuracy minus topic_accuracy_base: < 0 is forgetting",
     "entry_wall_time_s": "wall time of the entry's last run: training, evaluation and latency together",
     "run_dir": "the entry's folder, relative to the report",
 }
@@ -73,6 +79,7 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
     """``report.json``'s content: settings, one object per entry (with deltas), the conclusion, examples."""
     baseline = next((r for r in results if r["method"] == BASELINE and r["status"] == "ok"), None)
     methods = [method_row(r, baseline) for r in results]
+    choice = rank_choice(methods, cfg.tolerance / 100) if getattr(cfg, "auto", False) else None
     return {
         "kind": kind,
         "peftkit_version": __version__,
@@ -82,13 +89,66 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
         "settings": settings(cfg, entries),
         "methods": methods,
         "conclusion": conclusion(methods),
+        **({"rank_choice": choice} if choice is not None else {}),
         "examples": examples(cfg, methods),
     }
 
 
+def rank_choice(methods: list[dict[str, Any]], tolerance: float) -> dict[str, Any] | None:
+    """``sweep --auto``: the cheapest finished entry (fewest trainable parameters, then smallest rank) whose
+    ROUGE-L is at least the best one's minus ``tolerance`` (a fraction), and what it saves against the best."""
+    ranked = [m for m in methods if m["status"] == "ok" and m["method"] != BASELINE and "rank" in m["method_options"]]
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda m: (m[HEADLINE], -m["trainable_params"]))
+    within = [m for m in ranked if m[HEADLINE] >= best[HEADLINE] - tolerance - 1e-12]
+    chosen = min(within, key=lambda m: (m["trainable_params"], m["method_options"]["rank"]))
+
+    def saved(key: str) -> float | None:
+        return None if best.get(key) is None or chosen.get(key) is None else best[key] - chosen[key]
+
+    return {
+        "metric": HEADLINE,
+        "tolerance": tolerance,
+        "chosen": chosen["name"],
+        "chosen_rank": chosen["method_options"]["rank"],
+        "chosen_score": chosen[HEADLINE],
+        "chosen_adapter": f"{chosen['run_dir']}/train",
+        "best": best["name"],
+        "best_rank": best["method_options"]["rank"],
+        "best_score": best[HEADLINE],
+        "params_saved": best["trainable_params"] - chosen["trainable_params"],
+        "params_fraction": chosen["trainable_params"] / best["trainable_params"],
+        "stored_bytes_saved": saved("stored_bytes"),
+        "train_time_saved_s": saved("train_time_s"),
+        "forgetting_chosen": chosen.get("forgetting"),
+        "forgetting_best": best.get("forgetting"),
+    }
+
+
+def rank_choice_sentence(choice: dict[str, Any]) -> str:
+    name = ROUGE_NAMES[choice["metric"]]
+    points = 100 * choice["tolerance"]
+    tolerance = f"{points:.2g} point{'' if points == 1 else 's'}"
+    if choice["chosen"] == choice["best"]:
+        return (f"Rank chosen: r = {choice['chosen_rank']} ({choice['chosen']}, {name} {_points(choice['chosen_score'])}): "
+                f"the best, and no smaller rank comes within {tolerance} of it. Adapter: {choice['chosen_adapter']}.")
+    text = (f"Rank chosen: r = {choice['chosen_rank']} ({choice['chosen']}, {name} {_points(choice['chosen_score'])}), within "
+            f"{tolerance} of the best, r = {choice['best_rank']} ({choice['best']}, {_points(choice['best_score'])}); it trains "
+            f"{100 * choice['params_fraction']:.3g}% of the best's parameters ({_count(choice['params_saved'])} fewer)")
+    if choice["stored_bytes_saved"] is not None:
+        text += f", stores {_size(choice['stored_bytes_saved'])} less per task"
+    if choice["train_time_saved_s"] is not None:
+        more = choice["train_time_saved_s"] < 0
+        text += f" and trained in {_duration(abs(choice['train_time_saved_s']))} {'more' if more else 'less'} time (one noisy run)"
+    if choice["forgetting_chosen"] is not None and choice["forgetting_best"] is not None:
+        text += f"; forgetting {choice['forgetting_chosen']:+.4f} against {choice['forgetting_best']:+.4f}"
+    return text + f". Adapter: {choice['chosen_adapter']}."
+
+
 def method_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """One report object: the entry's result, its deltas against the baseline, its folder."""
-    row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback")}
+    row = {k: v for k, v in result.items() if k not in ("fingerprint", "traceback", "forgetting_settings")}
     for k in metric_keys():
         ok = baseline is not None and result["status"] == "ok" and result.get(k) is not None and baseline.get(k) is not None
         row[f"{k}_delta"] = result[k] - baseline[k] if ok else None
@@ -144,6 +204,9 @@ def conclusion(methods: list[dict[str, Any]]) -> str:
             behind = [m["name"] for m in trained if m[HEADLINE] <= baseline[HEADLINE]]
             if behind:
                 parts.append(f"{_join(behind)} did not beat the baseline on {name}.")
+        measured = [m for m in trained if m.get("forgetting") is not None]
+        if measured:
+            parts.append(_forgetting_sentence(measured))
         merged = [m for m in ok if m.get("latency_merged_ms_per_token") and m.get("latency_ms_per_token")]
         if merged:
             m = max(merged, key=lambda m: m[HEADLINE])
@@ -153,6 +216,18 @@ def conclusion(methods: list[dict[str, Any]]) -> str:
     if failed:
         parts.append(f"{_join(failed)} failed (see report.json).")
     return " ".join(parts)
+
+
+def _forgetting_sentence(measured: list[dict[str, Any]]) -> str:
+    """Which entries forgot the least and the most (change of the general-text loss; > 0 is forgetting)."""
+    ranked = sorted(measured, key=lambda m: m["forgetting"])
+    each = ", ".join(f"{m['name']} {m['forgetting']:+.4f}" for m in ranked)
+    text = f"Forgetting (change of the mean per-token loss on held-out general text, > 0 is worse): {each}"
+    topic = [m for m in ranked if m.get("topic_accuracy_delta") is not None]
+    if topic:
+        text += ("; zero-shot topic accuracy on news articles (not trained) changed by "
+                 + ", ".join(f"{m['name']} {100 * m['topic_accuracy_delta']:+.1f}" for m in topic) + " points")
+    return text + "."
 
 
 def _efficient_vs_full(peft: dict[str, Any], full: dict[str, Any], baseline: dict[str, Any] | None) -> str:
@@ -194,6 +269,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         f"latency on {s['latency_rows']} rows generated one at a time. The entries took {_duration(report['entries_wall_time_s'])} "
         f"in all (training, evaluation and timing, each in its last run; this run: {_duration(report['wall_time_s'])}); "
         f"peftkit {report['peftkit_version']}, {report['created']}.",
+        _forgetting_setup(s["forgetting"]),
         "",
         table(report["methods"]),
         "",
@@ -201,6 +277,8 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         *scores_table(report["methods"], s["scoring"]),
     ]
+    if report.get("rank_choice"):
+        lines += [f"**{rank_choice_sentence(report['rank_choice'])}**", ""]
     for m in report["methods"]:
         if m["status"] != "ok":
             lines += [f"- **{m['name']} failed:** `{m['error']}`", ""]
@@ -215,6 +293,14 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             lines.append("")
     lines += ["Field definitions: `peftkit.experiments.report.REPORT_FIELDS` (and the README)."]
     return "\n".join(lines) + "\n"
+
+
+def _forgetting_setup(f: dict[str, Any]) -> str:
+    if not (f["general_texts"] or f["topic_rows"]):
+        return "Forgetting: not measured."
+    return (f"Forgetting: mean per-token loss on {f['general_texts']} held-out BBC News articles (first {f['general_tokens']} "
+            f"tokens each) and zero-shot topic accuracy on {f['topic_rows']} other articles (first {f['topic_tokens']} tokens, "
+            "label by likelihood), each entry against the base model before training.")
 
 
 _MODE_WORDS = {"max": "each example's best reference", "mean": "each reference scored as its own row, averaged",
@@ -247,7 +333,7 @@ def scores_table(methods: list[dict[str, Any]], scoring: dict[str, Any]) -> list
 
 def table(methods: list[dict[str, Any]]) -> str:
     head = ["method", "lr", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "ΔROUGE-L vs baseline", "trainable params",
-            "trainable %", "peak train memory", "train time", "train tokens/s", "stored per task",
+            "trainable %", "forgetting (Δ general loss)", "Δ topic accuracy", "peak train memory", "train time", "train tokens/s", "stored per task",
             "latency / example (merged)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(head))) + "|"]
     for m in methods:
@@ -264,6 +350,8 @@ def table(methods: list[dict[str, Any]]) -> str:
             "-" if m["rougeL_delta"] is None or m["method"] == BASELINE else _signed(m["rougeL_delta"]),
             _count(m["trainable_params"]),
             f"{m['trainable_percent']:.3g}%",
+            "-" if m.get("forgetting") is None else f"{m['forgetting']:+.4f}",
+            "-" if m.get("topic_accuracy_delta") is None else f"{100 * m['topic_accuracy_delta']:+.1f} pts",
             "-" if m["peak_train_memory_mb"] is None else _size(m["peak_train_memory_mb"] * 2**20),
             "-" if m["train_time_s"] is None else _duration(m["train_time_s"]),
             "-" if m["train_tokens_per_s"] is None else f"{m['train_tokens_per_s']:.0f}",

@@ -58,11 +58,14 @@ def run_experiment(cfg: ExperimentConfig, kind: str = "compare") -> dict[str, An
         tag = f"[{number}/{len(entries)}] {entry.name}"
         run_dir = output / "runs" / entry.name
         spec = entry_spec(cfg, entry, data)
-        previous = _previous(run_dir, spec["fingerprint"])
-        if previous == "finished" and scored_otherwise(run_dir / "eval" / "metrics.json", spec["eval"]):
+        previous = _previous(run_dir, spec)
+        if previous in ("finished", "unmeasured") and scored_otherwise(run_dir / "eval" / "metrics.json", spec["eval"]):
             _say(f"{tag}: finished earlier; the metrics or reference mode changed, so it is scored again (nothing retrains)")
             (run_dir / RESULT).unlink()
             previous = "rescore"
+        elif previous == "unmeasured":
+            _say(f"{tag}: finished earlier with the same settings; measuring its forgetting (the other stages are reused)")
+            (run_dir / RESULT).unlink()
         if previous == "finished":
             _say(f"{tag}: finished earlier with the same settings; reusing {run_dir}")
             results.append(json.loads((run_dir / RESULT).read_text(encoding="utf-8")))
@@ -114,8 +117,11 @@ def entry_spec(cfg: ExperimentConfig, entry: Entry, data: dict[str, Any]) -> dic
     if train is not None:
         fingerprint["train_data"] = data["train"]
         fingerprint["train"] = {k: v for k, v in train.items() if k not in _NOT_IN_FINGERPRINT and k not in ("data", "model")}
+    # Forgetting is measured after the rest and is not in the fingerprint: changing how it is measured
+    # re-measures it on the trained entries instead of training them again.
     spec = {"entry": dataclasses.asdict(entry), "model": cfg.model, "train": train, "eval": evaluation,
-            "latency_rows": cfg.latency_rows, "threads": cfg.threads, "fingerprint": fingerprint}
+            "latency_rows": cfg.latency_rows, "forgetting": dataclasses.asdict(cfg.forgetting), "threads": cfg.threads,
+            "fingerprint": fingerprint}
     return json.loads(json.dumps(spec))  # as it reads back from spec.json (tuples become lists), so comparisons hold
 
 
@@ -136,8 +142,10 @@ def fingerprint_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str
     return setting_changes(before, now)
 
 
-def _previous(run_dir: Path, fingerprint: dict[str, Any]) -> str:
-    """``new``, ``finished``, ``failed``, ``interrupted`` (same settings), or ``changed (...)``."""
+def _previous(run_dir: Path, spec: dict[str, Any]) -> str:
+    """``new``, ``finished``, ``unmeasured`` (finished, but forgetting measured otherwise or not at all),
+    ``failed``, ``interrupted`` (same settings), or ``changed (...)``."""
+    fingerprint = spec["fingerprint"]
     if not (run_dir / SPEC).is_file():
         if run_dir.exists() and any(run_dir.iterdir()):
             return "changed (the folder holds no spec.json)"
@@ -149,7 +157,10 @@ def _previous(run_dir: Path, fingerprint: dict[str, Any]) -> str:
         return f"changed ({shown})"
     if not (run_dir / RESULT).is_file():
         return "interrupted"
-    return "finished" if json.loads((run_dir / RESULT).read_text(encoding="utf-8"))["status"] == "ok" else "failed"
+    result = json.loads((run_dir / RESULT).read_text(encoding="utf-8"))
+    if result["status"] != "ok":
+        return "failed"
+    return "finished" if result.get("forgetting_settings") == spec["forgetting"] else "unmeasured"
 
 
 def _execute(run_dir: Path, spec: dict[str, Any], isolate: bool) -> dict[str, Any]:

@@ -5,8 +5,11 @@
     RUN_DIR/train/         the adapter (or the whole model), tokenizer, run.json, train_log.jsonl  (peftkit.train)
     RUN_DIR/eval/          metrics.json, predictions.jsonl                                          (peftkit.evaluate)
     RUN_DIR/latency.json   parameter count and per-example generation latency                       (latency.py)
+    RUN_DIR/forgetting.json  general-text loss and untrained-task accuracy, before and after  (evaluate/forgetting.py)
     RUN_DIR/result.json    written last: status "ok" with every number of the report, or "failed" with the error
 
+The base model's own forgetting scores are computed once per comparison and kept in
+``OUTPUT/forgetting_base.json`` (with the model, settings and device they were measured with).
 A stage whose output is already there (same spec, an interrupted earlier attempt) is not run again.
 The runner calls :func:`run_entry` in a fresh process (``isolate``) or in its own.
 """
@@ -20,7 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import EvalConfig, eval_format, evaluate, score_fields
+from ..evaluate import EvalConfig, eval_format, evaluate, load_for_inference, score_fields
+from ..evaluate.forgetting import ForgettingSettings, forgetting, general_scores
 from ..io.files import atomic_write_text
 from ..train import TrainConfig, train
 from ..train.checkpoint import latest_checkpoint
@@ -28,6 +32,7 @@ from .config import from_dict
 from .latency import measure_latency
 
 SPEC, RESULT = "spec.json", "result.json"
+FORGETTING, FORGETTING_BASE = "forgetting.json", "forgetting_base.json"
 # What must be kept per task to use the result: an adapter's two files, or a whole model's weights and
 # configs. The tokenizer is the base model's, shared by every task, and logs are not needed to use it.
 STORED_NAMES = {"adapter_model.safetensors", "adapter_config.json", "config.json", "generation_config.json"}
@@ -110,7 +115,45 @@ def _run(spec: dict[str, Any], run_dir: Path, name: str) -> dict[str, Any]:
         latency = measure_latency(model, adapter, ev.data, fmt, ev.generation, rows, cpu=ev.cpu)
         atomic_write_text(latency_path, json.dumps(latency, indent=2) + "\n")
     latency = json.loads(latency_path.read_text(encoding="utf-8"))
-    return ok_result(spec, run, metrics, latency, stored_files(train_dir) if run is not None else {})
+
+    # --- forgetting: held-out general text and an untrained task, base model against this one ---------
+    settings = spec.get("forgetting") or {}
+    measured = _read_json(run_dir / FORGETTING)
+    if measured is None or measured["settings"] != settings:
+        measured = {"settings": settings, **measure_forgetting(spec, run_dir.parent.parent / FORGETTING_BASE, model, adapter, say)}
+        atomic_write_text(run_dir / FORGETTING, json.dumps(measured, indent=2) + "\n")
+    result = ok_result(spec, run, metrics, latency, stored_files(train_dir) if run is not None else {})
+    return {**result, **{k: v for k, v in measured.items() if k != "settings"}, "forgetting_settings": settings}
+
+
+def measure_forgetting(spec: dict[str, Any], base_cache: Path, model: str, adapter: str | None, say) -> dict[str, Any]:
+    """The report's forgetting numbers of ``model`` (+ ``adapter``) against ``spec["model"]`` before training."""
+    import torch
+
+    settings = from_dict(ForgettingSettings, spec.get("forgetting") or {})
+    if not settings.enabled:
+        return forgetting(*[{"general_loss": None, "topic_accuracy": None}] * 2)
+    cpu = spec["eval"].get("cpu", False)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    batch = spec["eval"]["generation"]["batch_size"]
+    key = {"model": spec["model"], "settings": spec["forgetting"], "device": device.type}
+    cached = _read_json(base_cache)
+    if cached is not None and cached["key"] == key:
+        before = cached["scores"]
+    else:
+        say(f"scoring the base model on {settings.general_texts} general texts and {settings.topic_rows} topic rows")
+        net, tokenizer, _ = load_for_inference(spec["model"], None, device)
+        before = general_scores(net, tokenizer, settings, batch)
+        atomic_write_text(base_cache, json.dumps({"key": key, "scores": before}, indent=2) + "\n")
+    if adapter is None and model == spec["model"]:
+        return forgetting(before, before)  # the base model itself (the zero-shot baseline)
+    say("measuring forgetting: general-text loss and zero-shot topic accuracy with the trained weights")
+    net, tokenizer, _ = load_for_inference(model, adapter, device)
+    return forgetting(before, general_scores(net, tokenizer, settings, batch))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def scored_otherwise(metrics_path: Path, evaluation: dict[str, Any]) -> bool:

@@ -143,6 +143,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
     log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=step, tracker=accelerator if tracker else None)
 
+    # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
+    # moved between layers from the gradients after each optimizer step) provides these two hooks.
+    steering = model.tuner() if hasattr(model.tuner(), "update_and_allocate") else None
+
     # --- the loop ------------------------------------------------------------------------------------
     head = TargetOnlyHead(model) if cfg.target_only_logits else None
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
@@ -176,6 +180,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     loss = token_loss * world / targets  # DDP divides by the number of processes
                     accelerator.backward(loss)
                 step_loss += loss.detach() / world
+            if steering is not None:
+                accelerator.backward(steering.orthogonal_regularization())
             step_loss = accelerator.reduce(step_loss, reduction="sum")
 
             # step: clip, check, update, schedule
@@ -186,6 +192,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
+            if steering is not None:  # reads the gradients: before they are cleared
+                steering.update_and_allocate(step + 1, total_steps)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             last_loss = step_loss.item()
