@@ -189,7 +189,7 @@ def _rank_sweep(plt, ok: list[dict[str, Any]], report: dict[str, Any]):
 def _forgetting_vs_rank(ax, groups: dict[str, list[dict[str, Any]]], ranks: list[int]) -> None:
     for i, (label, members) in enumerate(groups.items()):
         members = [m for m in members if m.get("forgetting") is not None]
-        ax.plot([m["method_options"]["rank"] for m in members], [m["forgetting"] for m in members], marker="o",
+        ax.plot([m["method_options"]["r"] for m in members], [m["forgetting"] for m in members], marker="o",
                 color="tab:red", linestyle=("-", "-.", ":")[i % 3], label=label if len(groups) > 1 else "forgetting")
     ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("log", base=2)

@@ -97,12 +97,12 @@ def build_report(cfg: ExperimentConfig, kind: str, entries: list[Entry], results
 def rank_choice(methods: list[dict[str, Any]], tolerance: float) -> dict[str, Any] | None:
     """``sweep --auto``: the cheapest finished entry (fewest trainable parameters, then smallest rank) whose
     ROUGE-L is at least the best one's minus ``tolerance`` (a fraction), and what it saves against the best."""
-    ranked = [m for m in methods if m["status"] == "ok" and m["method"] != BASELINE and "rank" in m["method_options"]]
+    ranked = [m for m in methods if m["status"] == "ok" and m["method"] != BASELINE and "r" in m["method_options"]]
     if not ranked:
         return None
     best = max(ranked, key=lambda m: (m[HEADLINE], -m["trainable_params"]))
     within = [m for m in ranked if m[HEADLINE] >= best[HEADLINE] - tolerance - 1e-12]
-    chosen = min(within, key=lambda m: (m["trainable_params"], m["method_options"]["rank"]))
+    chosen = min(within, key=lambda m: (m["trainable_params"], m["method_options"]["r"]))
 
     def saved(key: str) -> float | None:
         return None if best.get(key) is None or chosen.get(key) is None else best[key] - chosen[key]
@@ -111,11 +111,11 @@ def rank_choice(methods: list[dict[str, Any]], tolerance: float) -> dict[str, An
         "metric": HEADLINE,
         "tolerance": tolerance,
         "chosen": chosen["name"],
-        "chosen_rank": chosen["method_options"]["rank"],
+        "chosen_rank": chosen["method_options"]["r"],
         "chosen_score": chosen[HEADLINE],
         "chosen_adapter": f"{chosen['run_dir']}/train",
         "best": best["name"],
-        "best_rank": best["method_options"]["rank"],
+        "best_rank": best["method_options"]["r"],
         "best_score": best[HEADLINE],
         "params_saved": best["trainable_params"] - chosen["trainable_params"],
         "params_fraction": chosen["trainable_params"] / best["trainable_params"],
