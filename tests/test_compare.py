@@ -127,8 +127,9 @@ def test_parameters_learning_rates_and_stored_sizes(compared, work):
     _, out, report = compared
     rows = by_name(report)
     total = rows["baseline"]["total_params"]
-    # LoRA r=4 on q_proj (32 -> 32) and v_proj (32 -> 16) of 2 layers: r x (in + out) each.
-    assert rows["lora"]["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
+    # LoRA r=4 on every linear layer of 2 layers (the lora preset's default): q/o 32 -> 32, k/v 32 -> 16,
+    # gate/up 32 -> 64, down 64 -> 32; r x (in + out) each.
+    assert rows["lora"]["trainable_params"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
     assert rows["lora"]["method_options"] == {"r": 4}
     assert rows["lora"]["total_params"] == total + rows["lora"]["trainable_params"]
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"] == total
@@ -255,7 +256,7 @@ def test_resume_reuses_finished_entries_and_reruns_changed_ones(work, tmp_path, 
     # lora's learning rate changes: lora runs again (and says why); baseline and ia3 are reused.
     run_experiment(settings(work, tmp_path, methods=["baseline", "lora", "ia3"], per_method=["lora.lr=1e-2"]))
     assert trained[-1] == ("lora", 1e-2) and len(trained) == 3
-    assert "train.lr: 0.0002 -> 0.01" in capsys.readouterr().out
+    assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().out
     assert by_name(report_of(tmp_path))["lora"]["lr"] == 1e-2
 
     # A change every entry depends on (the evaluation rows) reruns all of them, the baseline too.

@@ -516,8 +516,12 @@ LEGACY_LORA_OPTIONS = dict.fromkeys(("rank", "alpha", "dropout"), _old_lora_opti
 register(
     LoraConfig,
     LoraTuner,
-    # lora_alpha 16 with the default r=8 (scale 2) rather than peft's 8 (scale 1): it trained better on the
-    # summarization tasks peftkit compares on, and is the setting peftkit has always used.
-    Preset("lora", "LoRA: frozen W plus a trained low-rank update (lora_alpha/r) B A", default_lr=2e-4,
-           defaults={"lora_alpha": 16}, fixed={"use_dora": False}, legacy=LEGACY_LORA_OPTIONS),
+    # The command line's LoRA defaults differ from LoraConfig's (which keep peft's, for the Python API): every
+    # linear layer (attention and MLP, never the output head), r=8, lora_alpha 16 (scale 2), lr 1e-3. On DialogSum
+    # (40 steps of 4 dev rows, 40 test rows, docs/results/defaults/) this scored ROUGE-1 0.438 against 0.283 for
+    # q/v at 2e-4 and 0.364 for q/v at 1e-3; r=16 and lr 2e-3 scored the same within noise (0.443). As the QLoRA
+    # paper and "LoRA Without Regret" report: all linear layers, and about 10x full fine-tuning's learning rate.
+    Preset("lora", "LoRA: frozen W plus a trained low-rank update (lora_alpha/r) B A on every linear layer",
+           default_lr=1e-3, defaults={"lora_alpha": 16, "target_modules": "all-linear"}, fixed={"use_dora": False},
+           legacy=LEGACY_LORA_OPTIONS),
 )
