@@ -14,6 +14,7 @@ from peftkit import LoraConfig, get_peft_model
 from peftkit.evaluate.forgetting import (ForgettingSettings, bbc_articles, forgetting, general_texts, mean_token_loss,
                                          topic_accuracy, topic_rows)
 from peftkit.experiments import CompareConfig, run_experiment
+from peftkit.experiments.config import build_experiment_config
 from peftkit.experiments.plots import pareto_front
 from peftkit.experiments import worker as worker_module
 
@@ -118,11 +119,11 @@ def test_a_finished_comparison_gets_its_forgetting_measured_without_training_aga
     kw = dict(model=model, train_data=data, eval_data=data, output=str(tmp_path / "out"), methods=["baseline", "lora"],
               max_steps=1, batch_size=4, eval_limit=2, max_new_tokens=2, latency_rows=0, example_rows=0, precision="fp32",
               isolate=False)
-    first = run_experiment(CompareConfig(**kw, forgetting=ForgettingSettings(general_texts=0, topic_rows=0)))
+    first = run_experiment(build_experiment_config(CompareConfig, **kw, forgetting=ForgettingSettings(general_texts=0, topic_rows=0)))
     assert all(m["forgetting"] is None for m in first["methods"])
     assert "gain_vs_forgetting.png" not in first["plots"]
     monkeypatch.setattr(worker_module, "train", lambda *a, **k: pytest.fail("trained again"))
-    second = run_experiment(CompareConfig(**kw, forgetting=ForgettingSettings(general_texts=2, general_tokens=16, topic_rows=0)))
+    second = run_experiment(build_experiment_config(CompareConfig, **kw, forgetting=ForgettingSettings(general_texts=2, general_tokens=16, topic_rows=0)))
     lora = {m["name"]: m for m in second["methods"]}["lora"]
     assert lora["forgetting"] is not None and lora["topic_accuracy"] is None
     assert lora["rouge1"] == first["methods"][1]["rouge1"]  # the evaluation was reused too
