@@ -37,7 +37,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..inject import Conv1D, get_submodule
 from ..registry import Preset, register
-from .base import AdapterLayer, LayerTuner
+from .base import AdapterLayer, DeltaWeightLayer, LayerTuner
 from ..inject import module_names
 from .lora import LORA_DEFAULT_TARGETS, _match_input_dtype
 
@@ -137,14 +137,11 @@ class AdaLoraConfig(PeftConfig):
                              "to allocate the rank in; lower them or train longer.")
 
 
-class AdaLoraLinear(AdapterLayer):
+class AdaLoraLinear(DeltaWeightLayer):
     """AdaLoRA on ``nn.Linear`` (weight d x k) or GPT-2 ``Conv1D`` (stored k x d: ``fan_in_fan_out``).
 
     ``delta(x)``: x (..., k) -> (..., d), ``scaling / (ranknum + 1e-5) * (x (E * A)^T) B^T``.
     """
-
-    additive = True
-    mergeable = True
 
     def __init__(self, base: nn.Module, rank: int, init_r: int, alpha: float, dropout: float, init: bool,
                  fan_in_fan_out: bool) -> None:
@@ -173,13 +170,6 @@ class AdaLoraLinear(AdapterLayer):
         w = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
         return w.T if self.fan_in_fan_out else w
 
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
 
 
 class AdaLoraTuner(LayerTuner):

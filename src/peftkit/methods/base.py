@@ -76,6 +76,25 @@ class AdapterLayer(nn.Module):
         return key
 
 
+
+class DeltaWeightLayer(AdapterLayer):
+    """An additive layer whose update has a weight form, ``delta_weight()`` (LoRA, AdaLoRA): the one source of
+    merge (``W += delta``) and unmerge (``W -= delta``)."""
+
+    additive = True
+    mergeable = True
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
 class ModuleCopy(AdapterLayer):
     """``modules_to_save``: a trainable full copy of a module (e.g. a classifier head) used instead of it."""
 

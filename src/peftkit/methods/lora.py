@@ -34,7 +34,7 @@ from ..config import PeftConfig
 from ..inject import Conv1D, check_regex, get_submodule, module_names
 from ..io.keys import HF_PREFIX
 from ..registry import Preset, register
-from .base import AdapterLayer, LayerTuner, ModuleCopy
+from .base import AdapterLayer, DeltaWeightLayer, LayerTuner, ModuleCopy
 
 # Attention query and value projections per architecture: the LoRA paper (Hu et al., 2021, section 7.1) finds
 # adapting the self-attention layers enough, and q/v is its choice.
@@ -171,23 +171,9 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
         nn.init.zeros_(b)
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(DeltaWeightLayer):
     """What every LoRA layer shares: an additive update whose weight form, ``delta_weight()``, is the one
     source of merge (``W += delta``) and unmerge (``W -= delta``)."""
-
-    additive = True
-    mergeable = True
-
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
 
 
 class LoraLinear(LoraLayer):
