@@ -316,7 +316,7 @@ def test_sweep_command_line(work, tmp_path, capsys):
 
 def test_rank_choice_is_the_cheapest_rank_within_the_tolerance_of_the_best():
     def row(rank, score, params, **kw):
-        return {"name": f"lora-r{rank}", "method": "lora", "status": "ok", "method_options": {"rank": rank}, "rougeL": score,
+        return {"name": f"lora-r{rank}", "method": "lora", "status": "ok", "method_options": {"r": rank}, "rougeL": score,
                 "trainable_params": params, "stored_bytes": 4 * params, "train_time_s": rank / 10, "forgetting": rank / 1000,
                 "run_dir": f"runs/lora-r{rank}", **kw}
 
