@@ -21,7 +21,7 @@ def test_compare_baseline_and_lora_on_smollm2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "cmp"
     code = main(["compare", "--train-data", str(DEMO / "demo_train.jsonl"), "--eval-data", str(DEMO / "demo_eval.jsonl"),
-                 "--methods", "baseline,lora", "--per-method", "lora.lr=1e-3", "--max-steps", "2", "--batch-size", "2",
+                 "--methods", "baseline,lora", "--per-method", "lora.lr=1e-3,lora.target_modules=q_proj,v_proj", "--max-steps", "2", "--batch-size", "2",
                  "--eval-limit", "3", "--max-new-tokens", "12", "--latency-rows", "1", "--example-rows", "1",
                  "--threads", "1", "--general-texts", "3", "--topic-rows", "5", "--output", str(out)])
     assert code == 0
