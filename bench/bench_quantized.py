@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads, also of the peftkit processes it starts "
                         "(OMP_NUM_THREADS; default: one per core)")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--sides", default=",".join(SIDES), help="which bases to run: none (the bf16 reference), nf4, "
+                        "int8; a side not run is read from an earlier run in --work (its run.json and eval/metrics.json)")
     args = parser.parse_args()
     set_threads(args.threads)
     from peftkit.precision import bf16_support
@@ -73,13 +75,17 @@ def main() -> None:
     train_settings = ["--method", "lora", "--target-modules", "q_proj,v_proj", "--lr", "2e-3", "--max-steps", str(args.steps),
                       "--batch-size", "4", "--report-to", "none", "--seed", "0"]
     results: dict[str, dict] = {}
+    run_now = set(args.sides.split(","))
     for side in SIDES:
         out = work / side
-        peftkit("train", "--model", args.model, "--data", str(DEMO / "demo_train.jsonl"), "--output", str(out),
-                "--quantize", side, *train_settings)
+        if side not in run_now and (out / "eval" / "metrics.json").is_file():
+            print(f"  {side}: read from the earlier run in {out}", flush=True)
+        else:
+            peftkit("train", "--model", args.model, "--data", str(DEMO / "demo_train.jsonl"), "--output", str(out),
+                    "--quantize", side, *train_settings)
+            peftkit("eval", "--adapter", str(out), "--data", str(DEMO / "demo_eval.jsonl"), "--limit", str(args.eval_rows),
+                    "--max-new-tokens", "64", "--output", str(out / "eval"))
         run = json.loads((out / "run.json").read_text())
-        peftkit("eval", "--adapter", str(out), "--data", str(DEMO / "demo_eval.jsonl"), "--limit", str(args.eval_rows),
-                "--max-new-tokens", "64", "--output", str(out / "eval"))
         metrics = json.loads((out / "eval" / "metrics.json").read_text())
         results[side] = {
             "weight_bytes": weight_bytes_of(args.model, side, bf16),
@@ -88,6 +94,7 @@ def main() -> None:
             "final_loss": run["final_loss"],
             "rougeL": metrics["rougeL"],
             "precision": run["precision"],
+            "measured": "this run" if side in run_now else "an earlier run",
         }
         print(f"  {side}: {json.dumps(results[side])}", flush=True)
 

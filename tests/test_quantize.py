@@ -116,7 +116,7 @@ def test_adapter_trains_on_a_quantized_base_and_loads_in_peft_with_equal_outputs
     assert torch.allclose(logits(again), ours, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_merge_and_unload_dequantizes_and_merges_in_full_precision(kind, model_dir, tmp_path):
     base = load(model_dir, kind)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
