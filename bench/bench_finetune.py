@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128, help="training rows (one epoch of batch 4)")
     parser.add_argument("--heldout", type=int, default=32, help="held-out rows for the loss")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each pipeline, alternating")
-    parser.add_argument("--peers", default="trainer,trl", help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--peers", default=None,
+                        help=f"comma-separated subset of {','.join(PEERS)} (default: both; trl where trl and datasets are installed)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every pipeline (default: one per core)")
@@ -175,6 +176,13 @@ def main() -> None:
     set_threads(args.threads)
     if args.worker:
         return peer_worker(args.worker, args.worker_output, args.examples, args.seed, args.model)
+    if args.peers is None:
+        import importlib.util
+
+        missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+        args.peers = "trainer" if missing else "trainer,trl"
+        if missing:  # e.g. gpu.sh on a machine with only the wheels it carries
+            print(f"bench_finetune: TRL SFTTrainer not run: {' and '.join(missing)} not installed (pip install trl datasets)")
     peers = [p for p in args.peers.split(",") if p]
     unknown = sorted(set(peers) - set(PEERS))
     if unknown or not peers:

@@ -95,8 +95,8 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
               f"{med['peft']:.3f} s; tokens equal to merged: {same['peft']}"),
         check(f"generation time, peftkit (adapter kept separate) / peft merge_adapter() ({label})",
               med["peftkit"] / med["peft_merged"], "<= 1.05",
-              f"{med['peftkit']:.3f} s vs {med['peft_merged']:.3f} s; peft [adapter merged into the weights in place, "
-              f"{label}] vs peftkit [PeftModel.generate, adapter folded per call, {label}]; peft merged tokens equal to "
+              f"{med['peftkit']:.3f} s vs {med['peft_merged']:.3f} s; peftkit [PeftModel.generate, adapter folded per call, "
+              f"{label}] vs peft [adapter merged into the weights in place, {label}]; peft merged tokens equal to "
               f"merged: {same['peft_merged']}"),
     ]
     return rows, result
