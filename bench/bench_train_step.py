@@ -147,8 +147,11 @@ def main() -> None:
     rows = []
     for p in precisions:
         ref = med[f"peft/{p}"]
+        amp = "bf16 autocast" if p == "bf16" else "fp32"
         rows.append(check(f"train step {p}, peftkit (as `peftkit train` runs it) / peft", med[f"peftkit/{p}"] / ref, "<= 1.00",
-                          f"{med[f'peftkit/{p}']:.3f} s vs {ref:.3f} s"))
+                          f"{med[f'peftkit/{p}']:.3f} s vs {ref:.3f} s; peftkit [{amp}"
+                          f"{', frozen linear weights in bf16' if p == 'bf16' else ''}, loss at target positions] vs "
+                          f"peft [fp32 model, {amp}, HF loss over all positions]"))
         rows.append(check(f"train step {p}, peftkit same step (HF loss) / peft", med[f"peftkit_same_step/{p}"] / ref, None,
                           f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
                           f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
