@@ -69,6 +69,23 @@ def test_plain_trainer_keeps_the_input_columns_and_trains_with_checkpointing(tmp
     assert all(not torch.equal(before[n], after[n]) for n in before if ".lora_A." in n)  # every LoRA layer got gradients
     assert model.get_base_model().is_activation_checkpointing
 
+    # transformers' own Trainer saves a model it does not take for a peft.PeftModel whole; peftkit cannot change
+    # that, but loading the folder as an adapter says what happened and what to do, and the rescue it names works.
+    trainer.save_model(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model.safetensors").is_file() and not (tmp_path / "plain" / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"whole-model checkpoint.*peftkit\.trainers\.Trainer"):
+        PeftModel.from_pretrained(build("llama"), tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    rescued = get_peft_model(build("llama"), LoraConfig(r=4))
+    rescued.load_state_dict(load_file(tmp_path / "plain" / "model.safetensors"))
+    rescued.save_pretrained(tmp_path / "rescued")
+    batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(PeftModel.from_pretrained(build("llama"), tmp_path / "rescued")(**batch).logits, expected)
+
 
 def test_trainer_checkpoints_are_adapters_that_peft_loads_and_resume_continues(tmp_path):
     batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
