@@ -218,11 +218,13 @@ def test_dpo_trainer_with_a_peftkit_config_trains_against_the_base_model_and_sav
 
     tok = tokenizer(tmp_path / "tok")
     data = datasets.Dataset.from_dict(preference_rows())
-    trainer = trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo"), train_dataset=data,
-                                  processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo", activation_checkpointing=True),
+                                  train_dataset=data, processing_class=tok,
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = trainer.model
     assert isinstance(model, PeftModel) and isinstance(trainer.ref_model, trainers.AdapterOffReference)
     trainer.train()
+    assert model.get_base_model().is_activation_checkpointing
     # Step 1: the fresh adapter is a no-op, so policy == reference and the DPO loss is -log sigmoid(0) = log 2.
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
     assert trainer.state.log_history[-2]["loss"] < 0.69  # it learned to prefer the chosen answers
