@@ -269,8 +269,12 @@ def test_dpo_trainer_with_a_pretrained_peftkit_adapter_uses_a_frozen_copy_as_ref
     assert not all(torch.equal(v, start[k]) for k, v in model._tuner("default").state_dict().items())
 
 
-def test_dpo_trainer_refuses_lm_head_in_the_targets(tmp_path):
+def test_dpo_trainer_refuses_lm_head_in_the_targets_and_leaves_the_model_as_it_came(tmp_path):
+    from peftkit.inject import AdapterHost
+
+    base = build("llama")
     with pytest.raises(ValueError, match="lm_head"):
-        trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo"), processing_class=tokenizer(tmp_path),
+        trainers.DPOTrainer(model=base, args=dpo_config(tmp_path / "dpo"), processing_class=tokenizer(tmp_path),
                             train_dataset=datasets.Dataset.from_dict(preference_rows()),
                             peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not any(isinstance(m, AdapterHost) for m in base.modules())
