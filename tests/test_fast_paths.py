@@ -246,28 +246,31 @@ def _attention_inputs(seed: int = 0, heads: int = 4, length: int = 48, dim: int 
     return [torch.randn(2, heads, length, dim, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3)]
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_bf16_attention_with_fp32_backward_is_sdpa_forward_and_the_fp32_backward(masked):
+@pytest.mark.parametrize("masked,groups", [(False, 1), (True, 1), (False, 2)])
+def test_bf16_attention_with_fp32_backward_is_sdpa_forward_and_the_fp32_backward(masked, groups):
     from peftkit.train.attention import _FlashForwardFp32Backward
 
     q, k, v = _attention_inputs()
+    if groups > 1:  # grouped-query attention: 2 k/v heads for 4 query heads
+        k, v = (t.detach()[:, :: groups].clone().requires_grad_() for t in (k, v))
     keep = torch.ones(2, 1, 48, 48, dtype=torch.bool).tril()
     keep[1, :, :, 40:] = False  # the second row padded after 40 tokens
     mask = torch.zeros(keep.shape, dtype=torch.bfloat16).masked_fill_(~keep, float("-inf")) if masked else None
     grad_out = torch.randn(2, 4, 48, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    ours = _FlashForwardFp32Backward.apply(q, k, v, mask, not masked, None)
+    ours = _FlashForwardFp32Backward.apply(q, k, v, mask, not masked, None, groups)
     ours.backward(grad_out)
     plain_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    plain = torch.nn.functional.scaled_dot_product_attention(*plain_inputs, attn_mask=mask, is_causal=not masked)
+    plain = torch.nn.functional.scaled_dot_product_attention(*plain_inputs, attn_mask=mask, is_causal=not masked,
+                                                             enable_gqa=groups > 1)
     plain.backward(grad_out)
     assert torch.equal(ours, plain)  # the same bf16 forward kernel
     # the gradients: what an fp32 backward of the same forward gives (fp32 reference: autograd through fp32 math)
     ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs, attn_mask=None if mask is None else mask.float(),
-                                                           is_causal=not masked)
+                                                           is_causal=not masked, enable_gqa=groups > 1)
     ref.backward(grad_out.float())
     for mine, bf16, exact in zip((q.grad, k.grad, v.grad), (t.grad for t in plain_inputs), (t.grad for t in ref_inputs)):
-        assert mine.dtype == torch.bfloat16
+        assert mine.dtype == torch.bfloat16 and mine.shape == exact.shape
         err_ours = (mine.float() - exact).norm() / exact.norm()
         err_plain = (bf16.float() - exact).norm() / exact.norm()
         assert err_ours < 0.01 and err_ours <= err_plain * 1.05, (err_ours, err_plain)

@@ -28,28 +28,34 @@ NAME = "peftkit_cpu_bf16_training"
 
 class _FlashForwardFp32Backward(torch.autograd.Function):
     """``scaled_dot_product_attention`` without dropout: forward by the CPU flash kernel in the inputs' dtype,
-    backward by the same kernel in fp32. q, k, v: (B, H, S, D) with as many k/v heads as query heads."""
+    backward by the same kernel in fp32. q: (B, H, S, D); k, v: (B, H / groups, S, D), each k/v head serving
+    ``groups`` consecutive query heads (grouped-query attention), kept at that size for the backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, is_causal: bool, scale):
+    def forward(ctx, query, key, value, mask, is_causal: bool, scale, groups: int = 1):
         out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+            query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), 0.0, is_causal,
+            attn_mask=mask, scale=scale)
         ctx.save_for_backward(query, key, value, out, logsumexp, mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.is_causal, ctx.scale, ctx.groups = is_causal, scale, groups
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, logsumexp, mask = ctx.saved_tensors
-        f32 = [t.float() for t in (grad_out, query, key, value, out)]
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g = ctx.groups
+        f32 = [grad_out.float(), query.float(), key.float().repeat_interleave(g, dim=1),
+               value.float().repeat_interleave(g, dim=1), out.float()]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *f32, logsumexp, 0.0, ctx.is_causal, attn_mask=None if mask is None else mask.float(), scale=ctx.scale)
-        return (*(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None)
+        if g > 1:  # each k/v head's gradient: the sum over the query heads it served
+            dk, dv = (d.unflatten(1, (-1, g)).sum(2) for d in (dk, dv))
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function contract: (B, H, S, D) in, ((B, S, H, D), None) out."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # Under autocast, q and k arrive in fp32 (rotary embeddings multiply them by fp32 cos/sin) and SDPA casts
     # them to bf16, an autocast op: do the same.
@@ -62,14 +68,12 @@ def _attention(module: nn.Module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # the CPU flash kernel wants as many k/v heads as query heads
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: k/v heads repeated inside, not saved so
     causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:  # the kernel takes an additive mask
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    out = _FlashForwardFp32Backward.apply(query, key, value, mask, bool(causal), scaling)
+    out = _FlashForwardFp32Backward.apply(query, key, value, mask, bool(causal), scaling, groups)
     return out.transpose(1, 2).contiguous(), None
 
 
