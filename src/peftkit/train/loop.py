@@ -40,7 +40,6 @@ from ..io.files import append_line, atomic_write_text
 from ..model import get_peft_model
 from ..options import setting_changes
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
-from .attention import cpu_bf16_training_attention
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
@@ -154,9 +153,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
     loop_started, tokens_trained, eval_seconds = time.perf_counter(), 0, 0.0
     last_loss = eval_loss = initial_eval_loss = None
-    # bf16 on a CPU: attention's backward in fp32, 2-3x faster there than PyTorch's bf16 one (train/attention.py)
-    fast_attention = cpu_bf16_training_attention(model, use_bf16 and device.type == "cpu")
-    with head if head is not None else nullcontext(), fast_attention:
+    with head if head is not None else nullcontext():
         if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
             initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
             log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
