@@ -7,7 +7,7 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
 * ``peft``: ``peft.get_peft_model``; ``model(**batch).loss`` (the usual step).
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
-  (``TargetOnlyHead``); the same loss value.
+  (``peftkit.train.loss.loss_fn``); the same loss value.
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
@@ -42,7 +42,7 @@ from common import (
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
 from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
-from peftkit.train.loss import TargetOnlyHead, loss_sum
+from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
@@ -64,13 +64,13 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         store_frozen_linear_weights_in_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    head = TargetOnlyHead(model) if kind in ("peftkit", "full") else None
+    target_only = kind in ("peftkit", "full")
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast, head if head is not None else contextlib.nullcontext():
-            if head is not None:
-                total, n = loss_sum(model, batch, head)
+        with autocast:
+            if target_only:
+                total, n = loss_fn(model, batch, target_only=True)
                 loss = total / n
             else:
                 loss = model(**batch).loss

@@ -281,6 +281,8 @@ class PeftModel(nn.Module):
             kwargs["labels"] = labels
         with self._rows(adapter_names):
             args, kwargs = self._prepare_inputs(self.get_base_model().forward, args, kwargs, for_generate=False)
+            if _is_position_mask(kwargs.get("logits_to_keep")):
+                kwargs["logits_to_keep"] = _mask_virtual_tokens(kwargs["logits_to_keep"], kwargs)
             return self.base_model(*args, **kwargs)
 
     def _forward_signature(self) -> inspect.Signature:
@@ -547,6 +549,18 @@ def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     if twice:
         raise TypeError(f"{getattr(fn, '__name__', 'forward')}() got multiple values for {', '.join(twice)}.")
     return (), {**bound, **kwargs}
+
+
+def _is_position_mask(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.ndim == 2
+
+
+def _mask_virtual_tokens(keep: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """A ``logits_to_keep`` mask (B, T) over the caller's tokens, widened with ``False`` for the virtual
+    tokens a soft prompt prepended to the inputs (B, P + T): they predict nothing the caller asked for."""
+    sequence = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs.get("input_ids")
+    added = sequence.shape[1] - keep.shape[1] if sequence is not None else 0
+    return nn.functional.pad(keep, (added, 0), value=False) if added > 0 else keep
 
 
 def _read_adapter(
