@@ -101,11 +101,12 @@ class PeftModel(nn.Module):
 
     Args:
         model: Any ``torch.nn.Module``; ``transformers`` models get per-architecture defaults.
-        peft_config: The first adapter's config (``LoraConfig``, ``IA3Config``, ...).
+        peft_config: The first adapter's config (``LoraConfig``, ``IA3Config``, ...); ``None``: the frozen
+            model with no adapter yet, for ``load_adapter`` / ``add_adapter`` to fill (a server starts so).
         adapter_name: Its name; ``"default"`` is saved at the top of the directory, others in sub-folders.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use add_adapter() to give it another adapter.")
@@ -118,8 +119,9 @@ class PeftModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         with _unchanged_on_error(model):  # e.g. no target module matched: the model stays trainable as it was
             freeze(model)
-            self.add_adapter(adapter_name, peft_config)
-            self.set_adapter(adapter_name)
+            if peft_config is not None:
+                self.add_adapter(adapter_name, peft_config)
+                self.set_adapter(adapter_name)
 
     # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
     # (``base_model`` is the TunerModel layer, ``get_base_model()`` the transformers model, as in ``peft``.)
