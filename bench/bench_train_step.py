@@ -5,6 +5,8 @@ The batch is 4 x 256 tokens of DialogSum (prompt + summary, peftkit's default pr
 forward, loss, backward, optimizer step. Candidates, interleaved in one process (medians of ``--repeats``):
 
 * ``peft``: ``peft.get_peft_model``; ``model(**batch).loss`` (the usual step).
+* ``peft (bf16 model)``, bf16 only: the same on a model loaded in bf16 (``dtype=torch.bfloat16``; peft keeps
+  the adapter in fp32), under autocast: what a ``peft`` user would run for speed on bf16 hardware.
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
   (``peftkit.train.loss.loss_fn``); the same loss value.
@@ -12,6 +14,11 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
 process of its own (3 steps).
+
+The hardware limit (bf16): the FLOPs of peftkit's step (every matmul of forward and backward, counted by
+``FlopCounterMode``, plus attention from the shapes; see ``roofline.py``) over this machine's peak bf16
+matmul rate, measured in the same process with the same threads before and after the timed steps (the
+best of both). The step's time over that limit is the ratio to bring toward 1.
 
     .venv/bin/python bench/bench_train_step.py [--repeats 5] [--threads N]
 """
@@ -39,6 +46,8 @@ from common import (
     set_threads,
 )
 
+from roofline import analytic_step_flops, peak_matmul_rate, step_flops
+
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
 from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
@@ -46,6 +55,7 @@ from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
+BF16_ONLY = ("peft_bf16_model",)
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -57,6 +67,8 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         model = get_peft_model(load(), FullConfig())
     elif kind == "peft":  # B starts at zero in both, so the first step's loss is the base model's in both
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
+    elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
+        model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
     else:
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
@@ -107,7 +119,7 @@ def main() -> None:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--worker", choices=(*CANDIDATES, "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*CANDIDATES, *BF16_ONLY, "full"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -121,8 +133,11 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer, args.rows, args.tokens).items()}
     targets = int((batch["labels"][:, 1:] != -100).sum())
     precisions = ["fp32"] + (["bf16"] * bf16)
-    steps = {f"{k}/{p}": build(k, load, device, p == "bf16")[1] for p in precisions for k in CANDIDATES}
+    kinds = {p: CANDIDATES + (BF16_ONLY if p == "bf16" else ()) for p in precisions}
+    built = {f"{k}/{p}": build(k, load, device, p == "bf16") for p in precisions for k in kinds[p]}
+    steps = {key: step for key, (_, step) in built.items()}
     first_loss = {key: steps[key](batch, key.endswith("bf16")) for key in steps}  # also the warmup
+    peak_before = peak_matmul_rate(device) if bf16 else None
     times = interleaved(
         {key: (lambda key=key: steps[key](batch, key.endswith("bf16"))) for key in steps},
         repeats=args.repeats, warmup=0,
@@ -137,19 +152,55 @@ def main() -> None:
         rows.append(check(f"train step {p}, peftkit same step (HF loss) / peft", med[f"peftkit_same_step/{p}"] / ref, None,
                           f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
                           f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
+        if p == "bf16":
+            ref = med["peft_bf16_model/bf16"]
+            rows.append(check("train step bf16, peftkit / peft on a bf16-loaded model", med["peftkit/bf16"] / ref, "<= 1.00",
+                              f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peft [model loaded in bf16, fp32 adapter, bf16 "
+                              f"autocast, HF loss over all positions] vs peftkit [fp32 model, frozen linear weights in bf16, "
+                              f"bf16 autocast, loss at target positions]; first-step losses {first_loss['peftkit/bf16']:.5f} vs "
+                              f"{first_loss['peft_bf16_model/bf16']:.5f}"))
+    roofline = {}
+    if bf16:
+        peak_after = peak_matmul_rate(device)
+        peak, shape = max(peak_before, peak_after)
+        model = built["peftkit/bf16"][0]
+        flops = step_flops(lambda: steps["peftkit/bf16"](batch, True), model.config, args.rows, args.tokens)
+        adapted = {name: LORA["r"] for name in LORA["target_modules"]}
+        analytic = analytic_step_flops(model.config, args.rows, args.tokens, targets, adapted)
+        limit = flops["total"] / peak
+        roofline = {"peak_flops": peak, "peak_shape": shape, "peak_before": peak_before[0], "peak_after": peak_after[0],
+                    "step_flops": flops, "analytic_flops": analytic, "limit_s": limit}
+        threads = torch.get_num_threads() if device.type == "cpu" else "-"
+        # best step against the best matmul call: on a machine shared with other jobs both are the least
+        # disturbed measurement of their kind (the median step is in the rows above)
+        best = min(times["peftkit/bf16"])
+        roofline["best_step_s"] = best
+        rows.append(check("train step bf16, peftkit / hardware limit (step FLOPs / peak bf16 matmul rate)",
+                          best / limit, "<= 2.00",
+                          f"best step {best:.3f} s (median {med['peftkit/bf16']:.3f} s) vs {limit:.3f} s: {flops['total'] / 1e9:.0f} GFLOP (matmuls counted "
+                          f"{flops['matmul'] / 1e9:.0f}, attention {flops['attention'] / 1e9:.0f}; from the config: "
+                          f"{analytic['total'] / 1e9:.0f}) at {peak / 1e12:.3f} TFLOP/s (best bf16 matmul, {shape}, "
+                          f"{threads} thread(s), measured in this run)"))
     memory = {}
     if args.memory:
         for p in precisions:
-            for kind in ("peft", "peftkit"):
+            for kind in kinds[p]:
+                if kind == "peftkit_same_step":
+                    continue
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []
                 memory[f"{kind}/{p}"] = run_worker([__file__, "--worker", kind, "--device", args.device, "--model", args.model, *extra, *threads])["peak_mib"]
             rows.append(check(f"train peak memory {p}, peftkit / peft", memory[f"peftkit/{p}"] / memory[f"peft/{p}"], None,
                               f"{memory[f'peftkit/{p}']:.0f} MiB vs {memory[f'peft/{p}']:.0f} MiB "
                               f"({'GPU max allocated' if device.type == 'cuda' else 'peak RSS'}, own process)"))
+            if p == "bf16":
+                rows.append(check("train peak memory bf16, peftkit / peft on a bf16-loaded model",
+                                  memory["peftkit/bf16"] / memory["peft_bf16_model/bf16"], None,
+                                  f"{memory['peftkit/bf16']:.0f} MiB vs {memory['peft_bf16_model/bf16']:.0f} MiB"))
     print_rows(f"training step: SmolLM2-135M, LoRA r=8 q/v, batch {args.rows} x {args.tokens} tokens ({targets} targets), {device}", rows)
     save("train_step", {"rows": rows, "median_s": med, "times_s": times, "first_loss": first_loss, "peak_memory_mib": memory,
-                        "settings": {**vars(args), "targets": targets, "bf16": bf16}, "load_average_at_start": load_start})
+                        "roofline": roofline, "settings": {**vars(args), "targets": targets, "bf16": bf16},
+                        "load_average_at_start": load_start})
 
 
 if __name__ == "__main__":
