@@ -9,7 +9,7 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
   the adapter in fp32), under autocast: what a ``peft`` user would run for speed on bf16 hardware.
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
-  (``TargetOnlyHead``; the same loss value), and in bf16 on a CPU attention's backward in fp32
+  (``peftkit.train.loss.loss_fn``; the same loss value), and in bf16 on a CPU attention's backward in fp32
   (``peftkit.train.attention``).
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
@@ -53,7 +53,7 @@ from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
 from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
 from peftkit.train.attention import cpu_bf16_training_attention
-from peftkit.train.loss import TargetOnlyHead, loss_sum
+from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
@@ -78,15 +78,15 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         store_frozen_linear_weights_in_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    head = TargetOnlyHead(model) if kind in ("peftkit", "full", "peftkit_bf16_attention_backward") else None
+    target_only = kind in ("peftkit", "full", "peftkit_bf16_attention_backward")
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         # as `peftkit train` runs it: on a CPU in bf16, attention's backward in fp32 (peftkit.train.attention)
         attention = cpu_bf16_training_attention(model, bf16 and device.type == "cpu" and kind in ("peftkit", "full"))
-        with autocast, attention, head if head is not None else contextlib.nullcontext():
-            if head is not None:
-                total, n = loss_sum(model, batch, head)
+        with autocast, attention:
+            if target_only:
+                total, n = loss_fn(model, batch, target_only=True)
                 loss = total / n
             else:
                 loss = model(**batch).loss
