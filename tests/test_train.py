@@ -407,14 +407,3 @@ def test_train_help_explains_every_option(capsys):
     # --lr defaults to each method's own learning rate, which the method list shows.
     flat = " ".join(text.split())
     assert "none given: the method's own default" in flat and "(default lr 0.0002)" in flat and "(default lr 2e-05)" in flat
-
-
-@pytest.mark.parametrize("precision,expected", [("bf16", True), ("fp32", False)])
-def test_bf16_training_on_a_cpu_runs_attention_backward_in_fp32(work, tmp_path, monkeypatch, precision, expected):
-    from peftkit.train import attention
-
-    calls = []
-    original = attention._FlashForwardFp32Backward.apply
-    monkeypatch.setattr(attention._FlashForwardFp32Backward, "apply", lambda *a: calls.append(1) or original(*a))
-    run = train(config(work, tmp_path / precision, precision=precision, max_steps=2, batch_size=2))
-    assert run["precision"] == precision and bool(calls) is expected

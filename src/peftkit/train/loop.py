@@ -40,7 +40,6 @@ from ..io.files import append_line, atomic_write_text
 from ..model import get_peft_model
 from ..options import setting_changes
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
-from .attention import cpu_bf16_training_attention
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import loss_fn
@@ -152,8 +151,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in batch.items()}
             last = i == len(micro_batches) - 1  # DDP averages gradients only on the last micro-batch
             with nullcontext() if last else accelerator.no_sync(ddp_model):
-                # bf16 on a CPU: attention's backward in fp32, 2-3x faster there than PyTorch's bf16 one
-                with autocast(device, use_bf16), cpu_bf16_training_attention(model, use_bf16 and device.type == "cpu"):
+                with autocast(device, use_bf16):
                     token_loss, _ = loss_fn(ddp_model, batch, cfg.target_only_logits)
                 loss = token_loss * world / targets  # DDP divides by the number of processes
                 accelerator.backward(loss)
