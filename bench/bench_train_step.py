@@ -9,8 +9,9 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
   the adapter in fp32), under autocast: what a ``peft`` user would run for speed on bf16 hardware.
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
-  (``peftkit.train.loss.loss_fn``; the same loss value), and in bf16 on a CPU attention's backward in fp32
-  (``peftkit.train.attention``).
+  (``peftkit.train.loss.loss_fn``); the same loss value.
+* ``peftkit, fp32 attention backward``, bf16 only: the same with ``peftkit.train.attention`` switched on (on a
+  CPU: attention's backward by the fp32 kernel; ``peftkit train`` does not use it yet).
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
@@ -57,7 +58,7 @@ from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
-BF16_ONLY = ("peft_bf16_model", "peftkit_bf16_attention_backward")
+BF16_ONLY = ("peft_bf16_model", "peftkit_fp32_attention_backward")
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -71,19 +72,19 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
     elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
         model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
-    else:  # peftkit, peftkit_same_step, peftkit_bf16_attention_backward
+    else:  # peftkit, peftkit_same_step, peftkit_fp32_attention_backward
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
-    if bf16 and kind in ("peftkit", "full", "peftkit_bf16_attention_backward"):
+    if bf16 and kind in ("peftkit", "full", "peftkit_fp32_attention_backward"):
         store_frozen_linear_weights_in_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    target_only = kind in ("peftkit", "full", "peftkit_bf16_attention_backward")
+    target_only = kind in ("peftkit", "full", "peftkit_fp32_attention_backward")
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        # as `peftkit train` runs it: on a CPU in bf16, attention's backward in fp32 (peftkit.train.attention)
-        attention = cpu_bf16_training_attention(model, bf16 and device.type == "cpu" and kind in ("peftkit", "full"))
+        # on a CPU in bf16, attention's backward in fp32 (peftkit.train.attention)
+        attention = cpu_bf16_training_attention(model, bf16 and device.type == "cpu" and kind == "peftkit_fp32_attention_backward")
         with autocast, attention:
             if target_only:
                 total, n = loss_fn(model, batch, target_only=True)
@@ -163,11 +164,11 @@ def main() -> None:
                           f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
                           f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
         if p == "bf16":
-            ref = med["peftkit_bf16_attention_backward/bf16"]
-            rows.append(check("train step bf16, peftkit / the same with PyTorch's bf16 attention backward", med["peftkit/bf16"] / ref,
-                              None, f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s: what the fp32 attention backward "
-                              f"(peftkit.train.attention) gives; first-step losses {first_loss['peftkit/bf16']:.5f} vs "
-                              f"{first_loss['peftkit_bf16_attention_backward/bf16']:.5f}"))
+            ours = med["peftkit_fp32_attention_backward/bf16"]
+            rows.append(check("train step bf16, peftkit with the fp32 attention backward / peftkit", ours / med["peftkit/bf16"],
+                              None, f"{ours:.3f} s vs {med['peftkit/bf16']:.3f} s: what peftkit.train.attention gives "
+                              f"(PyTorch's CPU flash-attention backward in fp32 instead of bf16); first-step losses "
+                              f"{first_loss['peftkit_fp32_attention_backward/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}"))
             ref = med["peft_bf16_model/bf16"]
             rows.append(check("train step bf16, peftkit / peft on a bf16-loaded model", med["peftkit/bf16"] / ref, "<= 1.00",
                               f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peft [model loaded in bf16, fp32 adapter, bf16 "
@@ -200,7 +201,7 @@ def main() -> None:
     if args.memory:
         for p in precisions:
             for kind in kinds[p]:
-                if kind in ("peftkit_same_step", "peftkit_bf16_attention_backward"):
+                if kind in ("peftkit_same_step", "peftkit_fp32_attention_backward"):
                     continue
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []
