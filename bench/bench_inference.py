@@ -154,7 +154,8 @@ def mixed_batch(load, args, bf16: bool, label: str) -> tuple[list[dict], dict]:
               "adapter_seconds": added, "equal_rows": equal_rows, "rows": n, "prompt_lengths": lengths.tolist()}
     rows = [
         check(f"mixed batch ({n} adapters) throughput peftkit / peft ({label})", med["peft"] / med["peftkit"], ">= 2.0",
-              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s; the model without adapters: "
+              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s; peft [adapter_names=..., "
+              f"{label}] (merging cannot serve several adapters in one batch); the model without adapters: "
               f"{tokens / med['base']:.1f}"),
         check(f"mixed batch time added by the adapters, peft / peftkit ({label})", added["peft"] / max(added["peftkit"], 1e-9), None,
               f"{added['peftkit']:.2f} s vs {added['peft']:.2f} s over the model without adapters ({med['base']:.2f} s)"),

@@ -9,7 +9,8 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
   the adapter in fp32), under autocast: what a ``peft`` user would run for speed on bf16 hardware.
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
-  (``TargetOnlyHead``); the same loss value.
+  (``peftkit.train.loss.loss_fn``; the same loss value), and in bf16 on a CPU attention's backward in fp32
+  (``peftkit.train.attention``).
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
@@ -51,11 +52,12 @@ from roofline import analytic_step_flops, peak_matmul_rate, step_flops
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
 from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
-from peftkit.train.loss import TargetOnlyHead, loss_sum
+from peftkit.train.attention import cpu_bf16_training_attention
+from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
-BF16_ONLY = ("peft_bf16_model",)
+BF16_ONLY = ("peft_bf16_model", "peftkit_bf16_attention_backward")
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -69,20 +71,22 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
     elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
         model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
-    else:
+    else:  # peftkit, peftkit_same_step, peftkit_bf16_attention_backward
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
-    if bf16 and kind in ("peftkit", "full"):
+    if bf16 and kind in ("peftkit", "full", "peftkit_bf16_attention_backward"):
         store_frozen_linear_weights_in_bf16(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    head = TargetOnlyHead(model) if kind in ("peftkit", "full") else None
+    target_only = kind in ("peftkit", "full", "peftkit_bf16_attention_backward")
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast, head if head is not None else contextlib.nullcontext():
-            if head is not None:
-                total, n = loss_sum(model, batch, head)
+        # as `peftkit train` runs it: on a CPU in bf16, attention's backward in fp32 (peftkit.train.attention)
+        attention = cpu_bf16_training_attention(model, bf16 and device.type == "cpu" and kind in ("peftkit", "full"))
+        with autocast, attention:
+            if target_only:
+                total, n = loss_fn(model, batch, target_only=True)
                 loss = total / n
             else:
                 loss = model(**batch).loss
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure under bf16 autocast (default: where bf16 is fast)")
+    parser.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True, help="also measure in fp32")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,7 +137,9 @@ def main() -> None:
     load, tokenizer, _ = load_base(args.model)
     batch = {k: v.to(device) for k, v in dialogsum_training_batch(tokenizer, args.rows, args.tokens).items()}
     targets = int((batch["labels"][:, 1:] != -100).sum())
-    precisions = ["fp32"] + (["bf16"] * bf16)
+    precisions = ["fp32"] * args.fp32 + ["bf16"] * bf16
+    if not precisions:
+        parser.error("--no-fp32 leaves nothing to measure where bf16 is off (--bf16 to force it)")
     kinds = {p: CANDIDATES + (BF16_ONLY if p == "bf16" else ()) for p in precisions}
     built = {f"{k}/{p}": build(k, load, device, p == "bf16") for p in precisions for k in kinds[p]}
     steps = {key: step for key, (_, step) in built.items()}
@@ -147,12 +154,20 @@ def main() -> None:
     rows = []
     for p in precisions:
         ref = med[f"peft/{p}"]
+        amp = "bf16 autocast" if p == "bf16" else "fp32"
         rows.append(check(f"train step {p}, peftkit (as `peftkit train` runs it) / peft", med[f"peftkit/{p}"] / ref, "<= 1.00",
-                          f"{med[f'peftkit/{p}']:.3f} s vs {ref:.3f} s"))
+                          f"{med[f'peftkit/{p}']:.3f} s vs {ref:.3f} s; peftkit [{amp}"
+                          f"{', frozen linear weights in bf16' if p == 'bf16' else ''}, loss at target positions] vs "
+                          f"peft [fp32 model, {amp}, HF loss over all positions]"))
         rows.append(check(f"train step {p}, peftkit same step (HF loss) / peft", med[f"peftkit_same_step/{p}"] / ref, None,
                           f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
                           f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
         if p == "bf16":
+            ref = med["peftkit_bf16_attention_backward/bf16"]
+            rows.append(check("train step bf16, peftkit / the same with PyTorch's bf16 attention backward", med["peftkit/bf16"] / ref,
+                              None, f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s: what the fp32 attention backward "
+                              f"(peftkit.train.attention) gives; first-step losses {first_loss['peftkit/bf16']:.5f} vs "
+                              f"{first_loss['peftkit_bf16_attention_backward/bf16']:.5f}"))
             ref = med["peft_bf16_model/bf16"]
             rows.append(check("train step bf16, peftkit / peft on a bf16-loaded model", med["peftkit/bf16"] / ref, "<= 1.00",
                               f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peft [model loaded in bf16, fp32 adapter, bf16 "
@@ -185,7 +200,7 @@ def main() -> None:
     if args.memory:
         for p in precisions:
             for kind in kinds[p]:
-                if kind == "peftkit_same_step":
+                if kind in ("peftkit_same_step", "peftkit_bf16_attention_backward"):
                     continue
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []
