@@ -69,6 +69,23 @@ def test_plain_trainer_keeps_the_input_columns_and_trains_with_checkpointing(tmp
     assert all(not torch.equal(before[n], after[n]) for n in before if ".lora_A." in n)  # every LoRA layer got gradients
     assert model.get_base_model().is_activation_checkpointing
 
+    # transformers' own Trainer saves a model it does not take for a peft.PeftModel whole; peftkit cannot change
+    # that, but loading the folder as an adapter says what happened and what to do, and the rescue it names works.
+    trainer.save_model(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model.safetensors").is_file() and not (tmp_path / "plain" / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"whole-model checkpoint.*peftkit\.trainers\.Trainer"):
+        PeftModel.from_pretrained(build("llama"), tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    rescued = get_peft_model(build("llama"), LoraConfig(r=4))
+    rescued.load_state_dict(load_file(tmp_path / "plain" / "model.safetensors"))
+    rescued.save_pretrained(tmp_path / "rescued")
+    batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(PeftModel.from_pretrained(build("llama"), tmp_path / "rescued")(**batch).logits, expected)
+
 
 def test_trainer_checkpoints_are_adapters_that_peft_loads_and_resume_continues(tmp_path):
     batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
@@ -201,11 +218,13 @@ def test_dpo_trainer_with_a_peftkit_config_trains_against_the_base_model_and_sav
 
     tok = tokenizer(tmp_path / "tok")
     data = datasets.Dataset.from_dict(preference_rows())
-    trainer = trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo"), train_dataset=data,
-                                  processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo", activation_checkpointing=True),
+                                  train_dataset=data, processing_class=tok,
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = trainer.model
     assert isinstance(model, PeftModel) and isinstance(trainer.ref_model, trainers.AdapterOffReference)
     trainer.train()
+    assert model.get_base_model().is_activation_checkpointing
     # Step 1: the fresh adapter is a no-op, so policy == reference and the DPO loss is -log sigmoid(0) = log 2.
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
     assert trainer.state.log_history[-2]["loss"] < 0.69  # it learned to prefer the chosen answers
@@ -250,8 +269,12 @@ def test_dpo_trainer_with_a_pretrained_peftkit_adapter_uses_a_frozen_copy_as_ref
     assert not all(torch.equal(v, start[k]) for k, v in model._tuner("default").state_dict().items())
 
 
-def test_dpo_trainer_refuses_lm_head_in_the_targets(tmp_path):
+def test_dpo_trainer_refuses_lm_head_in_the_targets_and_leaves_the_model_as_it_came(tmp_path):
+    from peftkit.inject import AdapterHost
+
+    base = build("llama")
     with pytest.raises(ValueError, match="lm_head"):
-        trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo"), processing_class=tokenizer(tmp_path),
+        trainers.DPOTrainer(model=base, args=dpo_config(tmp_path / "dpo"), processing_class=tokenizer(tmp_path),
                             train_dataset=datasets.Dataset.from_dict(preference_rows()),
                             peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not any(isinstance(m, AdapterHost) for m in base.modules())

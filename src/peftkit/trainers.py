@@ -195,20 +195,23 @@ def _dpo_trainer() -> type:
                         "DPOTrainer(model=AutoModelForCausalLM.from_pretrained(name), peft_config=config, ...)."
                     )
                 model, peft_config = get_peft_model(model, peft_config), None
-            elif isinstance(model, PeftModel) and ref_model is None:
-                # TRL's rule for a peft model handed in with its adapter: the reference is a frozen copy of it.
-                ref_config = dataclasses.replace(model.peft_config["default"], inference_mode=True)
-                model.add_adapter("ref", ref_config)
-                model._tuner("ref").load_state_dict(model._tuner("default").state_dict(), source="the default adapter")
+                created = True
+            else:
+                created = False
             reference = None
             if isinstance(model, PeftModel):
-                head = model.get_output_embeddings()
-                if isinstance(head, AdapterHost):
+                if isinstance(model.get_output_embeddings(), AdapterHost):
+                    if created:
+                        model.unload()  # leave the caller's model as it came
                     raise ValueError("DPOTrainer computes log-probabilities from lm_head.weight directly, so an adapter "
                                      "on lm_head would never train; remove 'lm_head' from target_modules.")
+                if ref_model is None and not created:
+                    # TRL's rule for a peft model handed in with its adapter: the reference is a frozen copy of it.
+                    model.add_adapter("ref", dataclasses.replace(model.peft_config["default"], inference_mode=True))
+                    model._tuner("ref").load_state_dict(model._tuner("default").state_dict(), source="the default adapter")
                 if ref_model is None:
                     # A stand-in TRL accepts as a reference model, so that it does not load a second copy of the base
-                    # model from the hub: TRL recognises only peft models as able to act as their own reference.
+                    # model by name: TRL lets only peft models act as their own reference.
                     reference = ref_model = AdapterOffReference(lambda: self.model)
             super().__init__(model, ref_model, *args, peft_config=peft_config, **kwargs)
             wrapper = self._peftkit_model()

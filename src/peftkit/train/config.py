@@ -54,7 +54,8 @@ class TrainConfig:
             base stays frozen); the adapter is an ordinary PEFT adapter. Needs ``pip install 'peftkit[quantize]'``.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
         target_only_logits: Compute the output head (vocabulary projection) and the loss only where a
-            label is set, not at every position; identical loss, much less work for long prompts.
+            label is set, not at every position; identical loss, much less work for long prompts (causal LMs
+            whose forward takes a ``logits_to_keep`` mask; other models take the plain path).
         group_by_length: Batch examples of similar length together (less padding); the order stays random.
         seed: Seeds data order, adapter initialisation and dropout; the same seed gives the same run.
         log_every: Steps between lines of ``train_log.jsonl`` (and progress-bar updates).
