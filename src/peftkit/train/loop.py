@@ -4,7 +4,8 @@ schedule, log, evaluate, checkpoint; finally save the adapter (or full model) an
 
 It runs on a CPU, a GPU, or several processes with DDP (``torchrun --nproc_per_node 2 -m peftkit.cli
 train ...``, or ``accelerate launch --multi_gpu``): Hugging Face Accelerate finds out which, wraps the
-model, and the loop splits each global batch between the processes.
+model, and the loop splits each global batch between the processes. With ``sharding="fsdp"`` the
+processes split the model itself instead of copying it (:mod:`peftkit.train.sharding`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..precision import autocast, resolve_precision, store_frozen_linear_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import TargetOnlyHead, loss_sum
+from .sharding import gather_for_saving, parameter_bytes, resolve_sharding, shard_model, whole
 from .tracking import CURVE, RUN_NAME, resolve_report_to, tracker_config, write_loss_curve
 
 
@@ -93,6 +95,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         enable_gradient_checkpointing(base)
     model.to(device).train()
     trainable, total = model.get_nb_trainable_parameters()
+    sharding = resolve_sharding(cfg.sharding, world, cfg.method, hasattr(model.tuner(), "update_and_allocate"))
+    sharded = sharding == "fsdp"
+    cfg = dataclasses.replace(cfg, sharding=sharding)  # run.json and --resume see a launcher's FSDP config too
     say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
         f"({100 * trainable / total:.4f}%); lr {lr:g}{'' if cfg.lr is not None else ' (the method default)'}; precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
@@ -114,14 +119,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup_steps = math.ceil(cfg.warmup * total_steps)
     pad_id = tokenizer.pad_token_id
 
-    # --- optimizer, schedule, DDP ------------------------------------------------------------------
+    # --- sharding, optimizer, schedule, DDP ----------------------------------------------------------
+    if sharded:  # before the optimizer: it must hold the sharded parameters
+        shard_model(model, device, world)
+        say(f"peftkit train: the model is sharded between {world} processes (FSDP2)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, schedule=cfg.schedule, warmup_steps=warmup_steps, total_steps=total_steps)
     )
-    ddp_model = accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
-    if use_bf16:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
+    ddp_model = model if sharded else accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
+    if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
 
     # --- resume ------------------------------------------------------------------------------------
@@ -134,7 +142,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
     if cfg.resume and checkpoint is not None:
         _check_same_run(read_state(checkpoint), cfg, world, checkpoint)
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank, sharded)
         step, elapsed_before = state["step"], state["elapsed_s"]
         say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
     elif cfg.resume:
@@ -155,7 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_loss = eval_loss = initial_eval_loss = None
     with head if head is not None else nullcontext():
         if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
-            initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+            initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator, lockstep=sharded)
             log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
             eval_seconds = time.perf_counter() - loop_started
             interval["start"] = time.perf_counter()
@@ -174,7 +182,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 sync_now = i == len(batches) - 1  # DDP averages gradients only on the last micro-batch
-                with nullcontext() if sync_now else accelerator.no_sync(ddp_model):
+                with nullcontext() if sync_now or sharded else accelerator.no_sync(ddp_model):
                     with autocast(device, use_bf16):
                         token_loss, _ = loss_sum(ddp_model, batch, head)
                     loss = token_loss * world / targets  # DDP divides by the number of processes
@@ -185,7 +193,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step_loss = accelerator.reduce(step_loss, reduction="sum")
 
             # step: clip, check, update, schedule
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))  # sharded: summed over processes
             if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 bar.close()
                 raise TrainingDiverged(_diverged_message(step + 1, step_loss, grad_norm, scheduler, output))
@@ -222,7 +230,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # evaluate
             if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 eval_started = time.perf_counter()
-                eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator)
+                eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator, lockstep=sharded)
                 eval_seconds += time.perf_counter() - eval_started
                 interval["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
                 record = {**record, "step": step, "eval_loss": eval_loss, "elapsed_s": elapsed_before + time.perf_counter() - started}
@@ -234,12 +242,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 epoch, batch_index = divmod(step, stream.batches_per_epoch)
                 state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
                          "elapsed_s": elapsed_before + time.perf_counter() - started, "config": dataclasses.asdict(cfg)}
-                save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints)
+                save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints, sharded)
     bar.close()
     train_seconds = time.perf_counter() - loop_started - eval_seconds
 
     # --- save: the adapter in the Hugging Face PEFT format, or the complete model --------------------
     run: dict[str, Any] = {}
+    gathered = gather_for_saving(model, preset.saves_full_model) if sharded else None  # every process takes part
     if main:
         run = {
             "peftkit_version": __version__,
@@ -256,6 +265,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": 100 * trainable / total,
+            "parameter_mb_per_process": parameter_bytes(model) / 2**20,  # sharded: ~1/processes of the model
             "steps": step,
             "total_steps": total_steps,
             "examples": len(items),
@@ -271,7 +281,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **peak_memory(device),
         }
         curve = lambda folder: write_loss_curve(output / "train_log.jsonl", folder / CURVE)  # noqa: E731
-        save_final(output, model, tokenizer, run, preset.saves_full_model, extra=curve)  # staged; run.json moved in last
+        save_final(output, model, tokenizer, run, preset.saves_full_model, extra=curve, tensors=gathered)  # staged; run.json moved in last
         say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
     for t in accelerator.trackers:  # flush and close the tracker's files
         t.finish()
@@ -291,20 +301,27 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator=None) -> float:
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator=None,
+                  lockstep: bool = False) -> float:
     """Mean token cross-entropy on held-out data; the processes split the batches and add up
-    (``accelerator=None``: one process, as in ``peftkit eval``)."""
+    (``accelerator=None``: one process, as in ``peftkit eval``). ``lockstep``: every process runs as many
+    forward passes (a sharded model gathers each layer from all of them), the extra ones counted for nothing."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
     lengths = [len(e.input_ids) + len(e.labels) for e in data.items]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    for rows in sorted_batches(lengths, batch_size)[rank::world]:
+    batches = sorted_batches(lengths, batch_size)
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world) if lockstep else len(mine)
+    for turn in range(rounds):
+        rows = mine[turn] if turn < len(mine) else batches[0]
         batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
         with autocast(device, use_bf16):
             loss, n = loss_sum(model, batch, head)
-        total += loss.double()
-        count += n
+        if turn < len(mine):
+            total += loss.double()
+            count += n
     model.train(was_training)
     if accelerator is not None:
         total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
