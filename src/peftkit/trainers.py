@@ -13,6 +13,8 @@ the trainers do for a ``peft`` model:
 - every checkpoint and ``save_model()`` write the adapters in the PEFT format (``adapter_config.json`` +
   ``adapter_model.safetensors``; ``peft`` and peftkit load them), not the whole model;
 - ``resume_from_checkpoint`` and ``load_best_model_at_end`` load those adapter files back;
+- ``label_smoothing_factor > 0`` scores a causal LM against next-token labels, as the Trainer does for a ``peft``
+  model (it recognises causal LMs by class name and would score a peftkit model's logits unshifted);
 - ``SFTTrainer(peft_config=peftkit.LoraConfig(...))`` wraps the model with peftkit, and TRL's fused LM head
   (per-token log-probabilities without the full logits) is installed on the transformers model inside the
   wrapper, where TRL installs it for a ``peft`` model.
@@ -22,12 +24,14 @@ Models that are not peftkit models go through the trainers' own code unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .config import PeftConfig
 from .io.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter_tensors
@@ -93,6 +97,17 @@ def _has_adapter_files(directory: str | os.PathLike) -> bool:
 
 class Trainer(AdapterTrainerMixin, transformers.Trainer):
     """``transformers.Trainer`` that saves and resumes peftkit models as adapters (PEFT format)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = self._peftkit_model()
+        if model is not None and self.label_smoother is not None and self.compute_loss_func is None:
+            # With label_smoothing_factor > 0, Trainer.compute_loss shifts the labels (next-token targets) only for
+            # a model whose class name is a causal LM's, and reads that name from the base model only for a peft
+            # model: a peftkit model's logits would be scored against unshifted labels. Hand it the same
+            # smoother through the Trainer's own compute_loss_func hook, shifted as for the base model.
+            causal = model.get_base_model()._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            self.compute_loss_func = functools.partial(self.label_smoother, shift_labels=causal)
 
 
 def _sft_trainer() -> type:

