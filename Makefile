@@ -31,7 +31,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# peftkit vs the reference implementations, measured in the same run (~30 min on 2 CPU cores); results in
+# peftkit vs the reference implementations at their users' best settings, measured in the same run (~40 min on 2 CPU cores); results in
 # bench/results/*.json and the README's table. BENCH_THREADS=1 on a machine shared with other jobs.
 BENCH_THREADS ?=
 BENCH_ARGS := $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))

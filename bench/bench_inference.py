@@ -4,6 +4,8 @@
    exactly ``--new-tokens`` new tokens) with the adapter kept separate (peftkit's default generate, which folds
    the adapter per call; peftkit with ``fold_adapter=False``; and ``peft``) vs the plain
    model returned by ``merge_and_unload()``; non-zero LoRA weights (a fresh adapter's B = 0 would hide its cost).
+   ``peft`` is measured both ways: unmerged, and merged in place with ``merge_adapter()`` (its fastest way to
+   serve one adapter), and peftkit's default is compared with the latter.
 2. Switching adapters: ``set_adapter`` between two adapters loaded for inference vs loading the model and the
    other adapter from disk.
 3. A mixed batch of 8 rows, each with its own adapter (``adapter_names=[...]``): throughput peftkit / ``peft``
@@ -58,7 +60,12 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
     merged = prepare(merged.merge_and_unload())  # merged in fp32, then cast, like a merged checkpoint
     theirs = peft.get_peft_model(load(), peft.LoraConfig(**LORA)).eval()
     copy_lora_to_peft(ours, theirs, ["default"])
-    ours, theirs = prepare(ours), prepare(theirs)
+    # peft at its best for one adapter: merged into the base weights in place (``merge_adapter()``), in fp32
+    # before the bf16 cast, as one would for serving a single adapter
+    theirs_merged = peft.get_peft_model(load(), peft.LoraConfig(**LORA)).eval()
+    copy_lora_to_peft(ours, theirs_merged, ["default"])
+    theirs_merged.merge_adapter()
+    ours, theirs, theirs_merged = prepare(ours), prepare(theirs), prepare(theirs_merged)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 49000, (1, args.prompt_tokens), generator=g).to(args.device)
     mask = torch.ones_like(ids)
@@ -70,11 +77,12 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
             "peftkit_unfolded": lambda: out.__setitem__(
                 "peftkit_unfolded", generate(ours, ids, mask, args.new_tokens, bf16, fold_adapter=False)),
             "peft": lambda: out.__setitem__("peft", generate(theirs, ids, mask, args.new_tokens, bf16)),
+            "peft_merged": lambda: out.__setitem__("peft_merged", generate(theirs_merged, ids, mask, args.new_tokens, bf16)),
         },
         repeats=args.repeats,
     )
     med = {k: median(v) for k, v in times.items()}
-    same = {k: bool(torch.equal(out[k], out["merged"])) for k in ("peftkit", "peftkit_unfolded", "peft")}
+    same = {k: bool(torch.equal(out[k], out["merged"])) for k in ("peftkit", "peftkit_unfolded", "peft", "peft_merged")}
     result = {"median_s": med, "times_s": times, "tokens_equal_to_merged": same}
     rows = [
         check(f"unmerged LoRA generation overhead over merged, peftkit ({label})", med["peftkit"] / med["merged"] - 1, "<= 0.05",
@@ -85,6 +93,11 @@ def unmerged_overhead(load, args, bf16: bool, label: str) -> tuple[list[dict], d
               f"{same['peftkit_unfolded']}"),
         check(f"unmerged LoRA generation overhead over merged, peft ({label})", med["peft"] / med["merged"] - 1, None,
               f"{med['peft']:.3f} s; tokens equal to merged: {same['peft']}"),
+        check(f"generation time, peftkit (adapter kept separate) / peft merge_adapter() ({label})",
+              med["peftkit"] / med["peft_merged"], "<= 1.05",
+              f"{med['peftkit']:.3f} s vs {med['peft_merged']:.3f} s; peftkit [PeftModel.generate, adapter folded per call, "
+              f"{label}] vs peft [adapter merged into the weights in place, {label}]; peft merged tokens equal to "
+              f"merged: {same['peft_merged']}"),
     ]
     return rows, result
 
@@ -141,7 +154,8 @@ def mixed_batch(load, args, bf16: bool, label: str) -> tuple[list[dict], dict]:
               "adapter_seconds": added, "equal_rows": equal_rows, "rows": n, "prompt_lengths": lengths.tolist()}
     rows = [
         check(f"mixed batch ({n} adapters) throughput peftkit / peft ({label})", med["peft"] / med["peftkit"], ">= 2.0",
-              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s; the model without adapters: "
+              f"{tokens / med['peftkit']:.1f} vs {tokens / med['peft']:.1f} new tokens/s; peft [adapter_names=..., "
+              f"{label}] (merging cannot serve several adapters in one batch); the model without adapters: "
               f"{tokens / med['base']:.1f}"),
         check(f"mixed batch time added by the adapters, peft / peftkit ({label})", added["peft"] / max(added["peftkit"], 1e-9), None,
               f"{added['peftkit']:.2f} s vs {added['peft']:.2f} s over the model without adapters ({med['base']:.2f} s)"),

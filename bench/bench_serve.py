@@ -36,7 +36,7 @@ import httpx
 import torch
 import transformers
 
-from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit import LoraConfig, get_peft_model
 from peftkit.serve.app import create_app, load_base
 from peftkit.serve.engine import Engine, Output
 from peftkit.tuner import BASE
@@ -60,7 +60,7 @@ class SwapEngine(Engine):
         model = self.model
         ids = torch.tensor([r.prompt_ids], device=self.device)
         if r.adapter == BASE:
-            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+            context = model.disable_adapter()
         else:
             model.set_adapter(r.adapter)
             context = contextlib.nullcontext()

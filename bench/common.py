@@ -212,7 +212,7 @@ def copy_lora_to_peft(ours, theirs, adapter_names: list[str]) -> int:
         for tensor in ("lora_A", "lora_B"):
             for name in adapter_names:
                 if f".{tensor}.{name}." in key:  # ...q_proj.lora_A.<name>.weight
-                    layer = key.split(f".{tensor}.")[0].removeprefix("base_model.model.")
-                    p.copy_(mine[f"base_model.{layer}.adapters.{name}.{tensor}.weight"])
+                    layer = key.split(f".{tensor}.")[0]  # base_model.model.<the model's own path>, in both
+                    p.copy_(mine[f"{layer}.adapters.{name}.{tensor}.weight"])
                     copied += 1
     return copied

@@ -221,3 +221,36 @@ def test_sampling_params_refuse_what_the_sampler_cannot_use():
             SamplingParams(**{"max_tokens": 4, **bad})
     logits = torch.tensor([3.0, 1.0, 2.0])
     assert batch.sample(logits, 0.01, 1.0, torch.Generator().manual_seed(0)) == 0  # tiny temperature: no NaN
+
+
+def test_the_engine_wraps_its_base_once_and_keeps_that_model_through_loads_and_unloads(tmp_path):
+    """A server started without adapters holds a PeftModel from the start (no adapter yet); loading and
+    unloading adapters changes what it holds, never which object (or type) ``engine.model`` is, and base
+    rows served before, between and after give the base model's own output."""
+    from peftkit import PeftModel
+
+    model_dir, adapters = make_model_dir(tmp_path)
+    _, engine = build_server(model_dir, {}, max_batch_size=4, max_queue=16)
+    offline, tok = Offline(model_dir, adapters, sorted(engine.eos_ids)), make_tokenizer()
+    model = engine.model
+    assert isinstance(model, PeftModel) and model.peft_config == {}
+    engine.start()
+    try:
+        def run(adapter_names):
+            collector = Collector()
+            requests = [collector.request(tok("the cat sat").input_ids, a, max_tokens=6, temperature=0) for a in adapter_names]
+            engine.submit(requests)
+            assert collector.done.wait(120)
+            return [text for text, _ in collector.results.values()]
+
+        base_text = offline.completion(None, "the cat sat", 6)
+        assert run(["__base__"]) == [base_text]
+        name = ADAPTERS[0]
+        engine.load_adapter(name, str(adapters[name])).result(timeout=60)
+        assert engine.model is model and list(model.peft_config) == [name]
+        assert run(["__base__", name]) == [base_text, offline.completion(name, "the cat sat", 6)]
+        engine.unload_adapter(name).result(timeout=60)
+        assert engine.model is model and model.peft_config == {}
+        assert run(["__base__"]) == [base_text]
+    finally:
+        engine.stop()

@@ -69,6 +69,23 @@ def test_plain_trainer_keeps_the_input_columns_and_trains_with_checkpointing(tmp
     assert all(not torch.equal(before[n], after[n]) for n in before if ".lora_A." in n)  # every LoRA layer got gradients
     assert model.get_base_model().is_activation_checkpointing
 
+    # transformers' own Trainer saves a model it does not take for a peft.PeftModel whole; peftkit cannot change
+    # that, but loading the folder as an adapter says what happened and what to do, and the rescue it names works.
+    trainer.save_model(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model.safetensors").is_file() and not (tmp_path / "plain" / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"whole-model checkpoint.*peftkit\.trainers\.Trainer"):
+        PeftModel.from_pretrained(build("llama"), tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    rescued = get_peft_model(build("llama"), LoraConfig(r=4))
+    rescued.load_state_dict(load_file(tmp_path / "plain" / "model.safetensors"))
+    rescued.save_pretrained(tmp_path / "rescued")
+    batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(PeftModel.from_pretrained(build("llama"), tmp_path / "rescued")(**batch).logits, expected)
+
 
 def test_trainer_checkpoints_are_adapters_that_peft_loads_and_resume_continues(tmp_path):
     batch = {k: torch.tensor(v[:2]) for k, v in token_rows(1).items() if k != "labels"}
@@ -182,3 +199,82 @@ def test_label_smoothing_scores_next_tokens_as_transformers_does_for_a_causal_lm
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
+def preference_rows() -> dict[str, list[str]]:
+    """A tiny preference set (prompt, chosen, rejected) in the word-level tokenizer's vocabulary."""
+    words = lambda i, n: " ".join(f"w{3 + (7 * i + j) % 57}" for j in range(n))  # noqa: E731
+    return {"prompt": [words(i, 5) for i in range(ROWS)], "chosen": [words(i + 20, 3) for i in range(ROWS)],
+            "rejected": [words(i + 40, 4) for i in range(ROWS)]}
+
+
+def dpo_config(out, **kw):
+    trl = pytest.importorskip("trl")
+    return trl.DPOConfig(**{**args(out).to_dict(), "max_length": 16, "beta": 0.1, "save_steps": 4, **kw})
+
+
+def test_dpo_trainer_with_a_peftkit_config_trains_against_the_base_model_and_saves_an_adapter(tmp_path):
+    from trl.trainer.utils import add_fused_lm_head
+
+    tok = tokenizer(tmp_path / "tok")
+    data = datasets.Dataset.from_dict(preference_rows())
+    trainer = trainers.DPOTrainer(model=build("llama"), args=dpo_config(tmp_path / "dpo", activation_checkpointing=True),
+                                  train_dataset=data, processing_class=tok,
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = trainer.model
+    assert isinstance(model, PeftModel) and isinstance(trainer.ref_model, trainers.AdapterOffReference)
+    trainer.train()
+    assert model.get_base_model().is_activation_checkpointing
+    # Step 1: the fresh adapter is a no-op, so policy == reference and the DPO loss is -log sigmoid(0) = log 2.
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert trainer.state.log_history[-2]["loss"] < 0.69  # it learned to prefer the chosen answers
+
+    # The reference is the base model: its log-probabilities equal those of a fresh copy of the base model, and
+    # differ from the trained policy's.
+    batch = next(iter(trainer.get_train_dataloader()))
+    base = build("llama").eval()
+    add_fused_lm_head(base)
+    model.eval()
+    reference = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    expected = trainer.compute_ref_log_probs(base, batch)
+    policy = trainer.compute_ref_log_probs(model, batch)
+    for ours, theirs, trained in zip(reference, expected, policy):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours, trained, atol=1e-3)
+
+    checkpoint = tmp_path / "dpo" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    ids = tok(preference_rows()["prompt"][:2], return_tensors="pt")
+    batch = {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    theirs, ours = lora_logits(checkpoint, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ours, rtol=0, atol=0)
+
+
+def test_dpo_trainer_with_a_pretrained_peftkit_adapter_uses_a_frozen_copy_as_reference(tmp_path):
+    tok = tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    start = {k: v.clone() for k, v in model._tuner("default").state_dict().items()}
+    trainer = trainers.DPOTrainer(model=model, args=dpo_config(tmp_path / "dpo", max_steps=2, save_strategy="no"),
+                                  train_dataset=datasets.Dataset.from_dict(preference_rows()), processing_class=tok)
+    assert "ref" in model.peft_config and model.active_adapter == "default"
+    trainer.train()
+    # The reference is the adapter as it came (TRL's rule for a peft model with an adapter), not the bare base model:
+    # at step 1 policy == reference, so the loss is log 2 although the adapter is far from a no-op.
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    ref = model._tuner("ref").state_dict()
+    assert all(torch.equal(ref[k], start[k]) for k in start)  # the reference stayed frozen
+    assert not all(torch.equal(v, start[k]) for k, v in model._tuner("default").state_dict().items())
+
+
+def test_dpo_trainer_refuses_lm_head_in_the_targets_and_leaves_the_model_as_it_came(tmp_path):
+    from peftkit.inject import AdapterHost
+
+    base = build("llama")
+    with pytest.raises(ValueError, match="lm_head"):
+        trainers.DPOTrainer(model=base, args=dpo_config(tmp_path / "dpo"), processing_class=tokenizer(tmp_path),
+                            train_dataset=datasets.Dataset.from_dict(preference_rows()),
+                            peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not any(isinstance(m, AdapterHost) for m in base.modules())

@@ -101,11 +101,12 @@ class PeftModel(nn.Module):
 
     Args:
         model: Any ``torch.nn.Module``; ``transformers`` models get per-architecture defaults.
-        peft_config: The first adapter's config (``LoraConfig``, ``IA3Config``, ...).
+        peft_config: The first adapter's config (``LoraConfig``, ``IA3Config``, ...); ``None``: the frozen
+            model with no adapter yet, for ``load_adapter`` / ``add_adapter`` to fill (a server starts so).
         adapter_name: Its name; ``"default"`` is saved at the top of the directory, others in sub-folders.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use add_adapter() to give it another adapter.")
@@ -118,8 +119,9 @@ class PeftModel(nn.Module):
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         with _unchanged_on_error(model):  # e.g. no target module matched: the model stays trainable as it was
             freeze(model)
-            self.add_adapter(adapter_name, peft_config)
-            self.set_adapter(adapter_name)
+            if peft_config is not None:
+                self.add_adapter(adapter_name, peft_config)
+                self.set_adapter(adapter_name)
 
     # --- attribute access falls through to the base model (``model.config``, ``model.device``) ---
     # (``base_model`` is the TunerModel layer, ``get_base_model()`` the transformers model, as in ``peft``.)
@@ -281,6 +283,8 @@ class PeftModel(nn.Module):
             kwargs["labels"] = labels
         with self._rows(adapter_names):
             args, kwargs = self._prepare_inputs(self.get_base_model().forward, args, kwargs, for_generate=False)
+            if _is_position_mask(kwargs.get("logits_to_keep")):
+                kwargs["logits_to_keep"] = _mask_virtual_tokens(kwargs["logits_to_keep"], kwargs)
             return self.base_model(*args, **kwargs)
 
     def _forward_signature(self) -> inspect.Signature:
@@ -560,6 +564,18 @@ def _keyword_inputs(fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple
     if twice:
         raise TypeError(f"{getattr(fn, '__name__', 'forward')}() got multiple values for {', '.join(twice)}.")
     return (), {**bound, **kwargs}
+
+
+def _is_position_mask(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.ndim == 2
+
+
+def _mask_virtual_tokens(keep: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """A ``logits_to_keep`` mask (B, T) over the caller's tokens, widened with ``False`` for the virtual
+    tokens a soft prompt prepended to the inputs (B, P + T): they predict nothing the caller asked for."""
+    sequence = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs.get("input_ids")
+    added = sequence.shape[1] - keep.shape[1] if sequence is not None else 0
+    return nn.functional.pad(keep, (added, 0), value=False) if added > 0 else keep
 
 
 def _read_adapter(

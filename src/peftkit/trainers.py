@@ -1,7 +1,8 @@
-"""``transformers.Trainer`` and TRL's ``SFTTrainer`` for peftkit models: one import instead of theirs.
+"""``transformers.Trainer`` and TRL's ``SFTTrainer`` / ``DPOTrainer`` for peftkit models: one import instead of theirs.
 
     from peftkit.trainers import Trainer        # instead of: from transformers import Trainer
     from peftkit.trainers import SFTTrainer     # instead of: from trl import SFTTrainer
+    from peftkit.trainers import DPOTrainer     # instead of: from trl import DPOTrainer
 
 Why subclasses: both trainers recognise an adapter model only by ``isinstance(model, peft.PeftModel)``, and
 peftkit never imports ``peft``. Any other model is saved as a plain torch module (its whole state dict in
@@ -17,13 +18,16 @@ the trainers do for a ``peft`` model:
   model (it recognises causal LMs by class name and would score a peftkit model's logits unshifted);
 - ``SFTTrainer(peft_config=peftkit.LoraConfig(...))`` wraps the model with peftkit, and TRL's fused LM head
   (per-token log-probabilities without the full logits) is installed on the transformers model inside the
-  wrapper, where TRL installs it for a ``peft`` model.
+  wrapper, where TRL installs it for a ``peft`` model;
+- ``DPOTrainer``'s reference is the policy with its adapter disabled (or a frozen ``"ref"`` copy of an adapter the
+  model came with), as TRL does for a ``peft`` model, instead of a second model TRL would load by name.
 
 Models that are not peftkit models go through the trainers' own code unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -35,9 +39,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import PeftConfig
 from .io.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter_tensors
+from .inject import AdapterHost
 from .model import PeftModel, get_peft_model
 
-__all__ = ["AdapterTrainerMixin", "SFTTrainer", "Trainer"]
+__all__ = ["AdapterTrainerMixin", "DPOTrainer", "SFTTrainer", "Trainer"]
 
 
 class AdapterTrainerMixin:
@@ -139,10 +144,96 @@ def _sft_trainer() -> type:
     return SFTTrainer
 
 
+class AdapterOffReference(torch.nn.Module):
+    """DPO's reference model for a peftkit policy: the policy itself with its adapters disabled (or with the frozen
+    ``"ref"`` copy of a pretrained adapter active), as TRL computes the reference for a ``peft`` model. It holds no
+    weights of its own; the policy is reached through the trainer, so the model the trainer runs (wrapped by
+    accelerate or not) is the one called."""
+
+    def __init__(self, trainer_model: Any) -> None:
+        super().__init__()
+        self._trainer_model = trainer_model  # a callable returning the trainer's current model (not a submodule)
+
+    @property
+    def config(self) -> Any:
+        return self._policy().config
+
+    def _policy(self) -> PeftModel:
+        model = self._trainer_model()
+        while not isinstance(model, PeftModel) and hasattr(model, "module"):  # DDP / DataParallel wrappers
+            model = model.module
+        return model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        policy = self._policy()
+        if "ref" in policy.peft_config:
+            previous = policy.active_adapter
+            policy.set_adapter("ref")
+            try:
+                return self._trainer_model()(*args, **kwargs)
+            finally:
+                policy.set_adapter(previous)
+        with policy.disable_adapter():
+            return self._trainer_model()(*args, **kwargs)
+
+
+def _dpo_trainer() -> type:
+    from trl import DPOTrainer as TRLDPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    class DPOTrainer(AdapterTrainerMixin, TRLDPOTrainer):
+        """TRL's ``DPOTrainer`` for peftkit models: ``model`` may be a peftkit model, or ``peft_config`` a peftkit
+        config (then ``model`` must be a model object). Without a ``ref_model`` the reference is what TRL uses for a
+        ``peft`` model: the base model with the adapter disabled, or, when ``model`` arrives with a (pretrained)
+        adapter, a frozen copy of it named ``"ref"``."""
+
+        def __init__(self, model: Any, ref_model: Any = None, *args: Any, peft_config: Any = None, **kwargs: Any) -> None:
+            if isinstance(peft_config, PeftConfig):
+                if isinstance(model, (str, os.PathLike)):
+                    raise TypeError(
+                        "With a peftkit peft_config, pass the model itself, e.g. "
+                        "DPOTrainer(model=AutoModelForCausalLM.from_pretrained(name), peft_config=config, ...)."
+                    )
+                model, peft_config = get_peft_model(model, peft_config), None
+                created = True
+            else:
+                created = False
+            reference = None
+            if isinstance(model, PeftModel):
+                if isinstance(model.get_output_embeddings(), AdapterHost):
+                    if created:
+                        model.unload()  # leave the caller's model as it came
+                    raise ValueError("DPOTrainer computes log-probabilities from lm_head.weight directly, so an adapter "
+                                     "on lm_head would never train; remove 'lm_head' from target_modules.")
+                if ref_model is None and not created:
+                    # TRL's rule for a peft model handed in with its adapter: the reference is a frozen copy of it.
+                    model.add_adapter("ref", dataclasses.replace(model.peft_config["default"], inference_mode=True))
+                    model._tuner("ref").load_state_dict(model._tuner("default").state_dict(), source="the default adapter")
+                if ref_model is None:
+                    # A stand-in TRL accepts as a reference model, so that it does not load a second copy of the base
+                    # model by name: TRL lets only peft models act as their own reference.
+                    reference = ref_model = AdapterOffReference(lambda: self.model)
+            super().__init__(model, ref_model, *args, peft_config=peft_config, **kwargs)
+            wrapper = self._peftkit_model()
+            if wrapper is not None and "forward" in wrapper.__dict__:
+                # As in SFTTrainer: TRL's fused LM head goes on the transformers model inside the wrapper.
+                del wrapper.__dict__["forward"]
+                add_fused_lm_head(wrapper.get_base_model(), outputs=("log_probs", "entropy", "mean_logits", "is_top1")
+                                  + (("log_sum_sq_probs",) if self.use_weighting else ()))
+            if reference is not None:
+                # TRL installed its fused head (and accelerate perhaps autocast) on the stand-in's forward; the
+                # stand-in calls the policy, which carries both already.
+                reference.__dict__.pop("forward", None)
+                self.ref_model = reference
+
+    return DPOTrainer
+
+
 def __getattr__(name: str) -> Any:
-    # TRL is optional: imported only when SFTTrainer is asked for.
-    if name == "SFTTrainer":
-        cls = _sft_trainer()
-        globals()["SFTTrainer"] = cls
+    # TRL is optional: imported only when SFTTrainer or DPOTrainer is asked for.
+    makers = {"SFTTrainer": _sft_trainer, "DPOTrainer": _dpo_trainer}
+    if name in makers:
+        cls = makers[name]()
+        globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

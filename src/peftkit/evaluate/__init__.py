@@ -131,7 +131,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         from ..train.loop import evaluate_loss
 
         # encoded holds prompt + first reference, the labels covering the reference (as in training)
-        loss = evaluate_loss(model, encoded, cfg.generation.batch_size, tokenizer.pad_token_id, None, device, use_bf16)
+        loss = evaluate_loss(model, encoded, cfg.generation.batch_size, tokenizer.pad_token_id, False, device, use_bf16)
         scores.update({k: v for k, v in (("loss", loss), ("perplexity", math.exp(loss))) if k in cfg.scoring.metrics})
     metrics: dict[str, Any] = {
         **scores,

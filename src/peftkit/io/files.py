@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+WHOLE_MODEL_NAME = "model.safetensors"  # a whole model's weights, as transformers writes them
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 
 # Names of what an interrupted write leaves behind, each with the id of the process that wrote it.
@@ -332,6 +333,17 @@ def load_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise FileNotFoundError(f"Adapter directory {str(directory)!r} does not exist.")
     if not path.is_file():
+        if (directory / WHOLE_MODEL_NAME).is_file():
+            # What transformers.Trainer and TRL's trainers write for a model they do not take for a peft.PeftModel
+            # (they test isinstance): the whole module's state dict. Nothing on peftkit's side can change that.
+            raise FileNotFoundError(
+                f"{directory} holds {WHOLE_MODEL_NAME} but no {CONFIG_NAME}: a whole-model checkpoint, as transformers' "
+                "Trainer and TRL's trainers write for any model that is not a peft.PeftModel, not an adapter. Train "
+                "peftkit models with peftkit.trainers.Trainer / SFTTrainer / DPOTrainer (the same classes, one changed "
+                "import) to get adapter checkpoints. To rescue this one: build the same peftkit model, "
+                f"model.load_state_dict(safetensors.torch.load_file('{directory / WHOLE_MODEL_NAME}')), then "
+                "model.save_pretrained(DIR)."
+            )
         raise FileNotFoundError(f"{path} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -4,23 +4,25 @@ vLLM serves LoRA adapters saved in the Hugging Face PEFT format, next to the unc
 below are read from vLLM's source (github.com/vllm-project/vllm), not remembered:
 
 - ``vllm/lora/peft_helper.py`` (``PEFTHelper``: ``from_dict``, ``_validate_features``, ``validate_legal``),
-  read at commit e745bafffc44744aa601169f8c6f325e47ca7cd5 and in a newer version (with ``rank_pattern``,
-  ``lora_bias`` and ``init_lora_weights`` checks) whose commit the code index did not record:
+  read at commit e745bafffc44744aa601169f8c6f325e47ca7cd5 and in a newer copy of the same file (with ``rank_pattern``,
+  ``lora_bias`` and ``init_lora_weights`` checks) that the code index holds without its repository or commit, so
+  possibly a branch: where the two differ, both are named below. The features only that copy refuses are ones vLLM
+  does not implement, so an older vLLM that lets them through serves a different model than PEFT would:
   ``r``, ``lora_alpha`` and ``target_modules`` are required (so only LoRA adapters load); ``use_dora`` is refused
   ("vLLM does not yet support DoRA."); ``modules_to_save`` is refused unless it names only a classification head
   (``classifier`` or ``score``; older versions refuse any); ``bias`` other than ``"none"`` is refused ("Adapter
   bias is not supported."; versions up to e745baff accepted it only with ``--enable-lora-bias``); ``lora_bias``,
   PiSSA/OLoRA/CorDA/LoftQ ``init_lora_weights`` (they change the base weights), aLoRA, ``layer_replication``,
   BD-LoRA and QALoRA are refused; a rank above ``--max-lora-rank`` is refused. ``use_rslora`` is supported
-  (scaling ``alpha / sqrt(r)``), and so are ``rank_pattern`` / ``alpha_pattern`` in the newest version.
+  (scaling ``alpha / sqrt(r)``), and so are ``rank_pattern`` / ``alpha_pattern`` in the newer copy.
 - ``vllm/config/lora.py`` (commit 01230b40128e570a58e54e75f7e55c4d5cd9246d): ``max_lora_rank`` is one of
   1, 8, 16, 32, 64, 128, 256, 320, 512 and defaults to 16.
 - ``vllm/lora/lora_model.py`` (commit 0306474e9d1f26d8717aad457b9511f0c9e57d60) and ``vllm/lora/utils.py``
   (``parse_fine_tuned_lora_name``): tensors are read as ``lora_A.weight`` / ``lora_B.weight`` (linear layers)
   or ``lora_embedding_A`` / ``lora_embedding_B`` (embeddings); DoRA magnitude vectors raise NotImplementedError;
   every adapted module must be one vLLM's implementation of the architecture supports: its linear layers, plus
-  ``embed_tokens`` and ``lm_head`` where the model class lists them in ``embedding_modules`` (Llama, Qwen2/3,
-  Mistral and most decoder LMs do), else "expected target modules in ... but received ...".
+  ``embed_tokens`` and ``lm_head`` where the model class lists them in ``embedding_modules`` (Llama and Qwen do;
+  vLLM pull request 28545 tests LoRA on both with Llama-3.2), else "expected target modules in ... but received ...".
 
 So LoRA on ``lm_head`` is not refused as such (vLLM applies it through its logits processor on the models that
 declare the head); whether the architecture supports LoRA at all is vLLM's model table, not checkable here.
@@ -36,7 +38,7 @@ from typing import Any
 
 RANK_CHOICES = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py: MaxLoRARanks
 DEFAULT_MAX_RANK = 16  # LoRAConfig.max_lora_rank's default
-CLASSIFIER_HEADS = ("classifier", "score")  # the only modules_to_save the newest PEFTHelper accepts
+CLASSIFIER_HEADS = ("classifier", "score")  # the only modules_to_save the newer PEFTHelper accepts
 SUPPORTED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # PEFTHelper._init_is_supported
 UNSUPPORTED_FEATURES = {  # adapter_config.json field -> what vLLM calls it when refusing
     "lora_bias": "LoRA bias (lora_bias)",
@@ -113,5 +115,5 @@ def vllm_notes(config: dict[str, Any], tensor_keys: Iterable[str] = ()) -> list[
     embedding = sorted(modules & set(EMBEDDING_MODULES))
     if embedding:
         notes.append(f"LoRA on {' and '.join(embedding)}: vLLM loads it only for architectures whose vLLM implementation "
-                     "declares these modules (embedding_modules: Llama, Qwen, Mistral and most decoder LMs)")
+                     "declares these modules (embedding_modules: Llama and Qwen among them)")
     return notes

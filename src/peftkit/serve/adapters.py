@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from ..config import PeftConfig
 from ..io.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter_config
 from ..model import PeftModel
@@ -64,25 +62,16 @@ def refusal(config: PeftConfig) -> str | None:
     return None
 
 
-def attach(model: nn.Module, name: str, path: str | Path) -> PeftModel:
-    """``model`` with the adapter in ``path`` attached as ``name``; returns the PeftModel that holds it
-    (``model`` itself when it is one). On any error the model is left as it was found."""
+def attach(model: PeftModel, name: str, path: str | Path) -> None:
+    """Attach the adapter in ``path`` to ``model`` as ``name``. On any error the model is left as it was found."""
     config = read_config(path)
     reason = refusal(config)
     if reason is not None:
         raise Unservable(reason)
-    if isinstance(model, PeftModel):
-        model.load_adapter(path, adapter_name=name)
-        peft_model = model
-    else:
-        peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    model.load_adapter(path, adapter_name=name)
     try:
         # The config said yes; the attached adapter has the last word (some decide per instance).
-        peft_model.check_mixed_batch([name])
+        model.check_mixed_batch([name])
     except ValueError as e:
-        if peft_model is model:
-            model.delete_adapter(name)
-        else:
-            peft_model.unload()
+        model.delete_adapter(name)
         raise Unservable(str(e)) from None
-    return peft_model

@@ -138,11 +138,12 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}.")
-        self.model = model
+        # Wrapped once, here: adapters are attached to and removed from this one PeftModel while the server runs.
+        self.model = model if isinstance(model, PeftModel) else PeftModel(model)
         # A private copy: the HTTP side encodes with its own tokenizer in other threads, and a fast
         # tokenizer must not be used from two threads at once.
         self.tokenizer = copy.deepcopy(tokenizer)
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base = self.model.get_base_model()
         config = base.config
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"peftkit serve runs decoder-only causal LMs; {type(base).__name__} is an encoder-decoder.")
@@ -275,7 +276,7 @@ class Engine:
 
     def _load(self, name: str, path: str, future: Future) -> None:
         try:
-            self.model = attach(self.model, name, path)  # all or nothing: on error the model is as it was
+            attach(self.model, name, path)  # all or nothing: on error the model is as it was
         except Exception as e:
             with self._cond:
                 self._loading.discard(name)
@@ -427,11 +428,10 @@ class Engine:
 
     def _forward(self, ids, mask, positions, cache, adapters: list[str]) -> torch.Tensor:
         """Logits of the last position of each row, (B, vocab)."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: cache, "use_cache": True}
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
+                  "use_cache": True, "adapter_names": adapters}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = adapters
         return self.model(**kwargs).logits[:, -1, :]
 
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> set[int]:

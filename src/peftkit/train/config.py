@@ -55,7 +55,8 @@ class TrainConfig:
             FSDP config (configs/accelerate/fsdp.yaml) turns it on too. The saved adapter or model is gathered
             whole, the same as one process's. ``none``: every process holds the whole model (DDP).
         target_only_logits: Compute the output head (vocabulary projection) and the loss only where a
-            label is set, not at every position; identical loss, much less work for long prompts.
+            label is set, not at every position; identical loss, much less work for long prompts (causal LMs
+            whose forward takes a ``logits_to_keep`` mask; other models take the plain path).
         group_by_length: Batch examples of similar length together (less padding); the order stays random.
         seed: Seeds data order, adapter initialisation and dropout; the same seed gives the same run.
         log_every: Steps between lines of ``train_log.jsonl`` (and progress-bar updates).

@@ -43,7 +43,7 @@ from ..options import setting_changes
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .loss import TargetOnlyHead, loss_sum
+from .loss import loss_fn
 from .sharding import gather_for_saving, parameter_bytes, resolve_sharding, shard_model, whole
 from .tracking import CURVE, RUN_NAME, resolve_report_to, tracker_config, write_loss_curve
 
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say = print if main else (lambda *a, **k: None)
 
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
-    preset, peft_config, lr = cfg.preset(), cfg.method_config(), cfg.peak_lr
+    preset, peft_config = cfg.preset(), cfg.method_config()  # a wrong option fails here, before any loading
     train_examples, data_format, data_notes = load_examples(cfg.data, cfg.format, limit=cfg.limit)
     base, tokenizer = load_model(cfg.model)
     seq2seq = is_seq2seq(base.config)
@@ -99,150 +99,115 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sharded = sharding == "fsdp"
     cfg = dataclasses.replace(cfg, sharding=sharding)  # run.json and --resume see a launcher's FSDP config too
     say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
-        f"({100 * trainable / total:.4f}%); lr {lr:g}{'' if cfg.lr is not None else ' (the method default)'}; precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
+        f"({100 * trainable / total:.4f}%); lr {cfg.peak_lr:g}{'' if cfg.lr is not None else ' (the method default)'}; "
+        f"precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
-    # --- data: tokenized once; batches are lists of example indices -------------------------------
-    train_set = encode_examples(train_examples, tokenizer, data_format, seq2seq)
-    for note in data_notes:
-        say(f"peftkit train: {note}")
-    eval_set = load_encoded(cfg.eval_data, tokenizer, data_format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
-    for name, encoded in (("training", train_set), ("evaluation", eval_set)):
-        if encoded is not None and encoded.describe():
-            say(f"peftkit train: {name} data: {encoded.describe()}")
-    items = train_set.items
+    # --- data: tokenized once; a batch is a list of example indices ------------------------------
+    train_set, eval_set = encode_data(cfg, train_examples, data_format, data_notes, tokenizer, seq2seq, say)
+    items, pad_id = train_set.items, tokenizer.pad_token_id
     lengths = [len(e.input_ids) + len(e.labels) * seq2seq for e in items]
     # One stream batch = the examples of one optimizer step (batch_size x grad_accum x processes), so how a
     # step is split into micro-batches and processes does not change which examples it learns from.
-    step_rows = cfg.batch_size * cfg.grad_accum * world
-    stream = BatchStream(lengths, step_rows, cfg.seed, cfg.group_by_length, min_rows=cfg.grad_accum * world)
+    stream = BatchStream(lengths, cfg.batch_size * cfg.grad_accum * world, cfg.seed, cfg.group_by_length, min_rows=cfg.grad_accum * world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch))
-    warmup_steps = math.ceil(cfg.warmup * total_steps)
-    pad_id = tokenizer.pad_token_id
 
-    # --- sharding, optimizer, schedule, DDP ----------------------------------------------------------
+    # --- sharding, optimizer, schedule, processes -----------------------------------------------------
     if sharded:  # before the optimizer: it must hold the sharded parameters
         shard_model(model, device, world)
         say(f"peftkit train: the model is sharded between {world} processes (FSDP2)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, schedule=cfg.schedule, warmup_steps=warmup_steps, total_steps=total_steps)
-    )
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    schedule = partial(lr_factor, schedule=cfg.schedule, warmup_steps=math.ceil(cfg.warmup * total_steps), total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ddp_model = model if sharded else accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
     if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
-
-    # --- resume ------------------------------------------------------------------------------------
-    step, elapsed_before = 0, 0.0
-    if main:
-        remove_stale_checkpoints(output)  # what a killed run left behind: temporary files, unfinished saves
-    accelerator.wait_for_everyone()
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is not None and not cfg.resume:
-        raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
-    if cfg.resume and checkpoint is not None:
-        _check_same_run(read_state(checkpoint), cfg, world, checkpoint)
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, rank, sharded)
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        say(f"peftkit train: resuming from {checkpoint} (step {step} of {total_steps})")
-    elif cfg.resume:
-        say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
-    if tracker is not None:
-        accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
-    log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=step, tracker=accelerator if tracker else None)
-
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
     # moved between layers from the gradients after each optimizer step) provides these two hooks.
     steering = model.tuner() if hasattr(model.tuner(), "update_and_allocate") else None
 
-    # --- the loop ------------------------------------------------------------------------------------
-    head = TargetOnlyHead(model) if cfg.target_only_logits else None
-    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", unit="step", dynamic_ncols=True)
-    interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
-    loop_started, tokens_trained, eval_seconds = time.perf_counter(), 0, 0.0
+    # --- resume, logging -----------------------------------------------------------------------------
+    done_steps, elapsed_before = resume(cfg, output, model, optimizer, scheduler, accelerator, total_steps, say, sharded)
+    if tracker is not None:
+        accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
+    log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=done_steps, tracker=accelerator if tracker else None)
+    elapsed = lambda: elapsed_before + time.perf_counter() - started  # noqa: E731  (wall time, over resumes)
+    evaluate = partial(evaluate_loss, model, eval_set, cfg.batch_size, pad_id, cfg.target_only_logits, device, use_bf16, accelerator,
+                       lockstep=sharded)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=done_steps, disable=not main, desc="train", unit="step", dynamic_ncols=True)
+    meter = _Meter()  # loss, targets and tokens since the last log line
+    loop_started, eval_seconds = time.perf_counter(), 0.0
     last_loss = eval_loss = initial_eval_loss = None
-    with head if head is not None else nullcontext():
-        if eval_set is not None and step == 0:  # the starting point, to compare the trained model against
-            initial_eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator, lockstep=sharded)
-            log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": time.perf_counter() - started})
-            eval_seconds = time.perf_counter() - loop_started
-            interval["start"] = time.perf_counter()
-        while step < total_steps:
-            # data: this step's examples, cut into grad_accum micro-batches; this process takes every
-            # world-th row of each. Every process knows the whole plan, so counts need no communication.
-            rows = stream.batch(step)
-            batches = [rows[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
-            targets = sum(items[i].num_targets for i in rows)
-            tokens = sum(lengths[i] for i in rows)
+    if eval_set is not None and done_steps == 0:  # the starting point, to compare the trained model against
+        initial_eval_loss = evaluate()
+        log.write({"step": 0, "eval_loss": initial_eval_loss, "elapsed_s": elapsed()})
+        eval_seconds = time.perf_counter() - loop_started
+        meter.restart()
+    for step in range(done_steps + 1, total_steps + 1):  # step: the number of this optimizer step, from 1
+        # batch: this step's examples, cut into grad_accum micro-batches; this process takes every world-th
+        # row of each. Every process knows the whole plan, so counts need no communication.
+        rows = stream.batch(step - 1)
+        micro_batches = [rows[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
+        targets = sum(items[i].num_targets for i in rows)
 
-            # forward, loss, backward: the loss is summed over tokens and divided by the step's target
-            # count over all micro-batches and processes, so the update equals one large batch's
-            step_loss = torch.zeros((), device=device)
-            for i, micro_rows in enumerate(batches):
-                batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync_now = i == len(batches) - 1  # DDP averages gradients only on the last micro-batch
-                with nullcontext() if sync_now or sharded else accelerator.no_sync(ddp_model):
-                    with autocast(device, use_bf16):
-                        token_loss, _ = loss_sum(ddp_model, batch, head)
-                    loss = token_loss * world / targets  # DDP divides by the number of processes
-                    accelerator.backward(loss)
-                step_loss += loss.detach() / world
-            if steering is not None:
-                accelerator.backward(steering.orthogonal_regularization())
-            step_loss = accelerator.reduce(step_loss, reduction="sum")
+        # forward, loss, backward: the token losses are summed and divided by the step's target count over
+        # all micro-batches and processes, so the update equals one large batch's
+        step_loss = torch.zeros((), device=device)
+        for i, micro_rows in enumerate(micro_batches):
+            batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = i == len(micro_batches) - 1  # DDP averages gradients only on the last micro-batch
+            with nullcontext() if last or sharded else accelerator.no_sync(ddp_model):
+                with autocast(device, use_bf16):
+                    token_loss, _ = loss_fn(ddp_model, batch, cfg.target_only_logits)
+                loss = token_loss * world / targets  # DDP divides by the number of processes
+                accelerator.backward(loss)
+            step_loss += loss.detach() / world
+        if steering is not None:
+            accelerator.backward(steering.orthogonal_regularization())
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
 
-            # step: clip, check, update, schedule
-            grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))  # sharded: summed over processes
-            if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                bar.close()
-                raise TrainingDiverged(_diverged_message(step + 1, step_loss, grad_norm, scheduler, output))
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            if steering is not None:  # reads the gradients: before they are cleared
-                steering.update_and_allocate(step + 1, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = step_loss.item()
-            interval["loss"] += last_loss * targets
-            interval["targets"] += targets
-            interval["tokens"] += tokens
-            tokens_trained += tokens
-            bar.update(1)
+        # clip, check, step, schedule
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))  # sharded: summed over processes
+        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            bar.close()
+            raise TrainingDiverged(_diverged_message(step, step_loss, grad_norm, scheduler, output))
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        if steering is not None:  # reads the gradients: before they are cleared
+            steering.update_and_allocate(step, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = step_loss.item()
+        meter.add(last_loss, targets, tokens=sum(lengths[i] for i in rows))
+        bar.update(1)
 
-            # log
-            record: dict[str, Any] = {}
-            if step % cfg.log_every == 0 or step == total_steps:
-                seconds = time.perf_counter() - interval["start"]
-                record = {
-                    "step": step,
-                    "epoch": round(step / stream.batches_per_epoch, 4),
-                    "loss": interval["loss"] / interval["targets"],
-                    "lr": step_lr,
-                    "grad_norm": grad_norm.item(),
-                    "tokens_per_s": interval["tokens"] / seconds,
-                    "elapsed_s": elapsed_before + time.perf_counter() - started,
-                }
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                interval = {"loss": 0.0, "targets": 0, "tokens": 0, "start": time.perf_counter()}
+        # log
+        record: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss_since, tokens_per_s = meter.read()
+            record = {"step": step, "epoch": round(step / stream.batches_per_epoch, 4), "loss": loss_since, "lr": step_lr,
+                      "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "elapsed_s": elapsed()}
+            bar.set_postfix(loss=f"{loss_since:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
-            # evaluate
-            if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                eval_started = time.perf_counter()
-                eval_loss = evaluate_loss(model, eval_set, cfg.batch_size, pad_id, head, device, use_bf16, accelerator, lockstep=sharded)
-                eval_seconds += time.perf_counter() - eval_started
-                interval["start"] += time.perf_counter() - eval_started  # tokens/s counts training time only
-                record = {**record, "step": step, "eval_loss": eval_loss, "elapsed_s": elapsed_before + time.perf_counter() - started}
-                bar.set_postfix(loss=f"{last_loss:.4f}", eval_loss=f"{eval_loss:.4f}")
-            log.write(record)
+        # evaluate
+        if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+            eval_started = time.perf_counter()
+            eval_loss = evaluate()
+            eval_seconds += time.perf_counter() - eval_started
+            meter.pause(time.perf_counter() - eval_started)  # tokens/s counts training time only
+            record = {**record, "step": step, "eval_loss": eval_loss, "elapsed_s": elapsed()}
+            bar.set_postfix(loss=f"{last_loss:.4f}", eval_loss=f"{eval_loss:.4f}")
+        log.write(record)
 
-            # checkpoint
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-                epoch, batch_index = divmod(step, stream.batches_per_epoch)
-                state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
-                         "elapsed_s": elapsed_before + time.perf_counter() - started, "config": dataclasses.asdict(cfg)}
-                save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints, sharded)
+        # checkpoint
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+            epoch, batch_index = divmod(step, stream.batches_per_epoch)
+            state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
+                     "elapsed_s": elapsed(), "config": dataclasses.asdict(cfg)}
+            save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints, sharded)
     bar.close()
     train_seconds = time.perf_counter() - loop_started - eval_seconds
 
@@ -254,7 +219,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "peftkit_version": __version__,
             "config": dataclasses.asdict(cfg),
             "method": cfg.method,
-            "lr": lr,
+            "lr": cfg.peak_lr,
             "saves_full_model": preset.saves_full_model,
             "seq2seq": seq2seq,
             "format": {**dataclasses.asdict(data_format), "chat_template_used": train_set.chat_template_used},
@@ -266,7 +231,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "total_params": total,
             "trainable_percent": 100 * trainable / total,
             "parameter_mb_per_process": parameter_bytes(model) / 2**20,  # sharded: ~1/processes of the model
-            "steps": step,
+            "steps": max(done_steps, total_steps),
             "total_steps": total_steps,
             "examples": len(items),
             "truncated_inputs": train_set.truncated_inputs,
@@ -274,10 +239,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "final_loss": last_loss,
             "eval_loss_before": initial_eval_loss,
             "eval_loss": eval_loss,
-            "train_tokens_per_s": tokens_trained / train_seconds if train_seconds > 0 and tokens_trained else None,
+            "train_tokens_per_s": meter.tokens_total / train_seconds if train_seconds > 0 and meter.tokens_total else None,
             "train_time_s": train_seconds,
             "eval_time_s": eval_seconds,
-            "wall_time_s": elapsed_before + time.perf_counter() - started,
+            "wall_time_s": elapsed(),
             **peak_memory(device),
         }
         curve = lambda folder: write_loss_curve(output / "train_log.jsonl", folder / CURVE)  # noqa: E731
@@ -287,6 +252,67 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         t.finish()
     accelerator.wait_for_everyone()
     return run
+
+
+def encode_data(cfg: TrainConfig, examples, data_format, notes: list[str], tokenizer, seq2seq: bool, say) -> tuple[EncodedSet, EncodedSet | None]:
+    """The training rows and the held-out rows (``cfg.eval_data``, if any) as token ids, with what was
+    noticed on the way (layout recognised, rows cut) said once."""
+    train_set = encode_examples(examples, tokenizer, data_format, seq2seq)
+    for note in notes:
+        say(f"peftkit train: {note}")
+    eval_set = load_encoded(cfg.eval_data, tokenizer, data_format, seq2seq, limit=cfg.eval_limit)[1] if cfg.eval_data else None
+    for name, encoded in (("training", train_set), ("evaluation", eval_set)):
+        if encoded is not None and encoded.describe():
+            say(f"peftkit train: {name} data: {encoded.describe()}")
+    return train_set, eval_set
+
+
+def resume(cfg: TrainConfig, output: Path, model, optimizer, scheduler, accelerator: Accelerator, total_steps: int, say,
+           sharded: bool = False) -> tuple[int, float]:
+    """Restore the latest checkpoint in ``output`` when ``cfg.resume``: ``(steps done, seconds spent)``,
+    ``(0, 0.0)`` for a fresh start. Clears what a killed run left half-written first. ``sharded``: each
+    process reads its own pieces."""
+    if accelerator.is_main_process:
+        remove_stale_checkpoints(output)  # temporary files, unfinished saves
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is not None and not cfg.resume:
+        raise ValueError(f"{output} holds checkpoints of an earlier run; add --resume to continue it, or choose another --output.")
+    if checkpoint is None:
+        if cfg.resume:
+            say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
+        return 0, 0.0
+    _check_same_run(read_state(checkpoint), cfg, accelerator.num_processes, checkpoint)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index, sharded)
+    say(f"peftkit train: resuming from {checkpoint} (step {state['step']} of {total_steps})")
+    return state["step"], state["elapsed_s"]
+
+
+class _Meter:
+    """The training loss per target token and the tokens per second since the last log line; tokens/s
+    counts training time only (evaluation is paused out)."""
+
+    def __init__(self) -> None:
+        self.tokens_total = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss, self.targets, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, targets: int, tokens: int) -> None:
+        self.loss += loss * targets
+        self.targets += targets
+        self.tokens += tokens
+        self.tokens_total += tokens
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds
+
+    def read(self) -> tuple[float, float]:
+        """``(mean loss, tokens/s)`` since the last read; starts the next interval."""
+        out = (self.loss / self.targets, self.tokens / (time.perf_counter() - self.start))
+        self.restart()
+        return out
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -301,11 +327,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, device, use_bf16: bool, accelerator=None,
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, target_only: bool, device, use_bf16: bool, accelerator=None,
                   lockstep: bool = False) -> float:
     """Mean token cross-entropy on held-out data; the processes split the batches and add up
-    (``accelerator=None``: one process, as in ``peftkit eval``). ``lockstep``: every process runs as many
-    forward passes (a sharded model gathers each layer from all of them), the extra ones counted for nothing."""
+    (``accelerator=None``: one process, as in ``peftkit eval``). ``target_only``: as in :func:`loss_fn`.
+    ``lockstep``: every process runs as many forward passes (a sharded model gathers each layer from all of
+    them), the extra ones counted for nothing."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
@@ -313,12 +340,11 @@ def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, head, d
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     batches = sorted_batches(lengths, batch_size)
     mine = batches[rank::world]
-    rounds = math.ceil(len(batches) / world) if lockstep else len(mine)
-    for turn in range(rounds):
+    for turn in range(math.ceil(len(batches) / world) if lockstep else len(mine)):
         rows = mine[turn] if turn < len(mine) else batches[0]
         batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
         with autocast(device, use_bf16):
-            loss, n = loss_sum(model, batch, head)
+            loss, n = loss_fn(model, batch, target_only)
         if turn < len(mine):
             total += loss.double()
             count += n

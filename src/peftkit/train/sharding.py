@@ -80,13 +80,13 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .loss import hf_model
+    from .loss import transformers_model
 
     mesh = init_device_mesh(device.type, (world,))
-    blocks = set(getattr(hf_model(model), "_no_split_modules", None) or [])
+    blocks = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     if not units:
-        raise ValueError(f"--sharding fsdp: {type(hf_model(model)).__name__} names no transformer block class "
+        raise ValueError(f"--sharding fsdp: {type(transformers_model(model)).__name__} names no transformer block class "
                          "(_no_split_modules), so there is nothing to shard layer by layer.")
     # Free each block's gathered weights after its forward (gather again for the backward): the memory
     # saving FSDP is for. An Accelerate config may turn this off (fsdp_reshard_after_forward: false).
@@ -136,9 +136,9 @@ def gather_for_saving(model: nn.Module, whole_model: bool) -> dict[str, torch.Te
     """What the final save writes, gathered whole from every process (every process must call this, and
     gets the same tensors): the active adapter's tensors keyed as in ``adapter_model.safetensors``, or with
     ``whole_model`` the state dict of the trained transformers model (full fine-tuning)."""
-    from .loss import hf_model
+    from .loss import transformers_model
 
-    tensors = hf_model(model).state_dict() if whole_model else model.tuner().state_dict()
+    tensors = transformers_model(model).state_dict() if whole_model else model.tuner().state_dict()
     return {name: whole(t).detach().cpu() for name, t in tensors.items()}
 
 
