@@ -128,7 +128,10 @@ def save_final(
     result = model.merge_and_unload() if full_model else model
     size = tensor_bytes(p for p in result.parameters() if full_model or p.requires_grad)
     with staged_directory(output, last=FINAL_MARKERS, size=size) as staging:
-        result.save_pretrained(staging, state_dict=tensors)
+        if full_model:
+            result.save_pretrained(staging, state_dict=tensors)  # transformers' save: a whole state dict
+        else:
+            result.save_pretrained(staging, adapter_tensors=tensors)
         tokenizer.save_pretrained(staging)
         if extra is not None:
             extra(staging)
