@@ -49,6 +49,11 @@ class TrainConfig:
         precision: ``auto`` uses bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs,
             Ampere+ GPUs) and fp32 elsewhere; trainable weights and optimizer states stay fp32 either way.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
+        sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
+            of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
+            process (DDP) does not fit. Needs several processes (torchrun or accelerate launch); an Accelerate
+            FSDP config (configs/accelerate/fsdp.yaml) turns it on too. The saved adapter or model is gathered
+            whole, the same as one process's. ``none``: every process holds the whole model (DDP).
         target_only_logits: Compute the output head (vocabulary projection) and the loss only where a
             label is set, not at every position; identical loss, much less work for long prompts (causal LMs
             whose forward takes a ``logits_to_keep`` mask; other models take the plain path).
@@ -88,6 +93,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    sharding: Literal["none", "fsdp"] = "none"
     target_only_logits: bool = True
     group_by_length: bool = True
     seed: int = 42
@@ -122,7 +128,7 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup!r}.")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
-        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")), ("sharding", ("none", "fsdp")),
                               ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
                               ("task", ("generate", "classify"))):
             if getattr(self, name) not in choices:
