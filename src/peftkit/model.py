@@ -439,6 +439,7 @@ class PeftModel(nn.Module):
         *,
         safe_serialization: bool = True,
         is_main_process: bool = True,
+        adapter_tensors: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft``'s layout:
@@ -448,6 +449,9 @@ class PeftModel(nn.Module):
         models included) or the absolute path of a local directory. A causal LM's LoRA adapter that vLLM
         would refuse to load gets a :class:`~peftkit.io.vllm.VllmCompatibilityWarning` saying why.
         ``is_main_process=False`` writes nothing (the other ranks of a distributed run), as in ``peft``.
+        ``adapter_tensors``: the tensors to write instead of the adapter's own, keyed as in the file (a sharded
+        run's adapter, gathered from every process); only with one adapter selected. (``peft``'s ``state_dict``,
+        a whole model's state dict to pick the adapter from, is not taken.)
         """
         if kwargs:
             raise TypeError(f"save_pretrained() got options peftkit does not have: {', '.join(sorted(kwargs))}.")
@@ -456,10 +460,14 @@ class PeftModel(nn.Module):
                              "drop safe_serialization=False.")
         if not is_main_process:
             return
+        names = selected_adapters or list(self._tuners)
+        if adapter_tensors is not None and len(names) != 1:
+            raise ValueError(f"save_pretrained(adapter_tensors=...) writes one adapter; this model has {len(names)}: "
+                             "pass selected_adapters=[name].")
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise NotADirectoryError(f"{save_directory} exists and is not a directory.")
-        for name in selected_adapters or list(self._tuners):
+        for name in names:
             tuner = self._tuner(name)
             config = tuner.config_dict()
             config["inference_mode"] = True
@@ -468,6 +476,12 @@ class PeftModel(nn.Module):
                 _name_or_path(self.get_base_model())
             )
             tensors = tuner.state_dict()
+            if adapter_tensors is not None:
+                if set(adapter_tensors) != set(tensors):
+                    raise ValueError(f"save_pretrained(adapter_tensors=...): the keys differ from adapter {name!r}'s "
+                                     f"(missing {sorted(set(tensors) - set(adapter_tensors))[:3]}, "
+                                     f"unexpected {sorted(set(adapter_tensors) - set(tensors))[:3]}).")
+                tensors = adapter_tensors
             where = save_directory if name == "default" else save_directory / name
             save_adapter_files(where, config, tensors)
             # vLLM serves generative models; a classifier's adapter (its head under modules_to_save) is not for it.

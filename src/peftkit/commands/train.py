@@ -6,7 +6,8 @@ Example:
 Writes the adapter (Hugging Face PEFT format: adapter_config.json + adapter_model.safetensors) and the
 tokenizer to --output, or a complete model for methods that train the base weights (full fine-tuning),
 plus train_log.jsonl and run.json. Several processes (DDP): torchrun --nproc_per_node 2 -m peftkit.cli train ...
-(on GPUs also accelerate launch --multi_gpu --num_processes N -m peftkit.cli train ...)
+(on GPUs also accelerate launch --multi_gpu --num_processes N -m peftkit.cli train ...). Sharded (FSDP2): add
+--sharding fsdp, or accelerate launch --config_file configs/accelerate/fsdp.yaml -m peftkit.cli train ...
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
     rng-<rank>.safetensors/.json random-number generators of every process (dropout, ...)
     state.json                   step, data position, resolved config (written last)
 
+A sharded run (``--sharding fsdp``) writes ``trainable-<rank>`` and ``optimizer-<rank>`` instead: each
+process its own piece, so no process ever holds the whole optimizer state; it resumes with as many processes.
+
 A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place when complete, so a
 run killed at any moment leaves only whole checkpoints behind; older ones are deleted afterwards.
 
@@ -31,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..io.files import atomic_write_text, remove_stale, save_tensors, staged_directory, tensor_bytes
+from .sharding import local_shards, restore_shards
 
 CHECKPOINTS = "checkpoints"
 # The files whose presence says the run folder's result is complete: moved in last, run.json very last.
@@ -55,9 +59,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(
-    output: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict[str, Any], accelerator, keep: int
+    output: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict[str, Any], accelerator, keep: int,
+    sharded: bool = False,
 ) -> Path:
-    """Write checkpoint ``step`` (every process calls this; rank 0 writes all but its own RNG state)."""
+    """Write checkpoint ``step`` (every process calls this; rank 0 writes all but its own RNG state and,
+    when ``sharded``, its own piece of the trained tensors and optimizer state)."""
     final = checkpoint_path(output, step)
     tmp = final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -68,12 +74,12 @@ def save_checkpoint(
         tensors, info = _rng_state()
         save_tensors(tmp / f"rng-{accelerator.process_index}.safetensors", tensors)
         atomic_write_text(tmp / f"rng-{accelerator.process_index}.json", json.dumps(info))
+        if sharded:
+            _save_trained(tmp, f"-{accelerator.process_index}", model, optimizer)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_tensors(tmp / "trainable.safetensors", trainable_parameters(model))
-            opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
-            save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-            atomic_write_text(tmp / "optimizer.json", json.dumps(opt_info))
+            if not sharded:
+                _save_trained(tmp, "", model, optimizer)
             atomic_write_text(tmp / "scheduler.json", json.dumps(scheduler.state_dict()))
             atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
     except Exception:
@@ -91,6 +97,14 @@ def save_checkpoint(
     return final
 
 
+def _save_trained(folder: Path, suffix: str, model: nn.Module, optimizer) -> None:
+    """The trained tensors and their optimizer state (of a sharded model: this process's pieces)."""
+    save_tensors(folder / f"trainable{suffix}.safetensors", local_shards(trainable_parameters(model)))
+    opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+    save_tensors(folder / f"optimizer{suffix}.safetensors", local_shards(opt_tensors))
+    atomic_write_text(folder / f"optimizer{suffix}.json", json.dumps(opt_info))
+
+
 def remove_stale_checkpoints(output: Path) -> None:
     """Before a run writes to ``output``: remove what killed runs left behind there (temporary files,
     unfinished checkpoints, staging folders), and finish a final save that was interrupted while moving in."""
@@ -102,17 +116,22 @@ def remove_stale_checkpoints(output: Path) -> None:
 
 
 def save_final(
-    output: Path, model: nn.Module, tokenizer, run: dict[str, Any], full_model: bool, extra: Callable[[Path], Any] | None = None
+    output: Path, model: nn.Module, tokenizer, run: dict[str, Any], full_model: bool, extra: Callable[[Path], Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The run's result into ``output``: the adapter (or, with ``full_model``, the trained model itself),
     the tokenizer, what ``extra(folder)`` writes, and ``run.json``, staged and moved in with ``run.json``
-    last (see ``staged_directory``)."""
+    last (see ``staged_directory``). ``tensors``: what to write instead of the model's own tensors (a
+    sharded run's, gathered whole: the adapter's file keys, or the full model's state dict)."""
     # Full fine-tuning: merging keeps what training changed (its weights are the base weights; it refuses
     # a plain unload, which would have to restore the originals).
     result = model.merge_and_unload() if full_model else model
     size = tensor_bytes(p for p in result.parameters() if full_model or p.requires_grad)
     with staged_directory(output, last=FINAL_MARKERS, size=size) as staging:
-        result.save_pretrained(staging)
+        if full_model:
+            result.save_pretrained(staging, state_dict=tensors)  # transformers' save: a whole state dict
+        else:
+            result.save_pretrained(staging, adapter_tensors=tensors)
         tokenizer.save_pretrained(staging)
         if extra is not None:
             extra(staging)
@@ -124,11 +143,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
-    """Restore a checkpoint into ``model``/``optimizer``/``scheduler`` and the RNGs; returns its state.json."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int, sharded: bool = False) -> dict[str, Any]:
+    """Restore a checkpoint into ``model``/``optimizer``/``scheduler`` and the RNGs; returns its state.json.
+    ``sharded``: each process reads its own pieces (written by a sharded run with as many processes)."""
     state = read_state(path)
-    saved = load_file(str(path / "trainable.safetensors"))
-    params = trainable_parameters(model)
+    suffix = f"-{rank}" if sharded else ""
+    if not (path / f"trainable{suffix}.safetensors").is_file():
+        raise ValueError(f"{path} has no trainable{suffix}.safetensors: it was written by a run "
+                         f"{'without' if sharded else 'with'} --sharding fsdp; resume with the original settings.")
+    saved = load_file(str(path / f"trainable{suffix}.safetensors"))
+    with torch.no_grad():  # a sharded parameter's piece is its storage: copying into it below updates it
+        params = local_shards(trainable_parameters(model))
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise ValueError(
@@ -140,8 +165,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
             if saved[name].shape != p.shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model has {tuple(p.shape)}.")
             p.copy_(saved[name])
-    info = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), info))
+    info = json.loads((path / f"optimizer{suffix}.json").read_text(encoding="utf-8"))
+    optimizer_state = _unflatten_optimizer(load_file(str(path / f"optimizer{suffix}.safetensors")), info)
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
+    for index, entries in optimizer_state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                entries[key] = restore_shards(ordered[index], value)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text(encoding="utf-8")))
     rng_file = path / f"rng-{rank}.safetensors"
     if not rng_file.is_file():

@@ -53,6 +53,11 @@ class TrainConfig:
             bytes), ``fp4`` (4-bit float), ``int8`` (LLM.int8(), about half), or ``none``. Adapter methods only (the
             base stays frozen); the adapter is an ordinary PEFT adapter. Needs ``pip install 'peftkit[quantize]'``.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
+        sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
+            of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
+            process (DDP) does not fit. Needs several processes (torchrun or accelerate launch); an Accelerate
+            FSDP config (configs/accelerate/fsdp.yaml) turns it on too. The saved adapter or model is gathered
+            whole, the same as one process's. ``none``: every process holds the whole model (DDP).
         target_only_logits: Compute the output head (vocabulary projection) and the loss only where a
             label is set, not at every position; identical loss, much less work for long prompts (causal LMs
             whose forward takes a ``logits_to_keep`` mask; other models take the plain path).
@@ -93,6 +98,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     gradient_checkpointing: bool = False
+    sharding: Literal["none", "fsdp"] = "none"
     target_only_logits: bool = True
     group_by_length: bool = True
     seed: int = 42
@@ -127,7 +133,7 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup!r}.")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
-        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")),
+        for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")), ("sharding", ("none", "fsdp")),
                               ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
                               ("task", ("generate", "classify")), ("quantize", ("none", "nf4", "fp4", "int8"))):
             if getattr(self, name) not in choices:

@@ -4,7 +4,8 @@ schedule, log, evaluate, checkpoint; finally save the adapter (or full model) an
 
 It runs on a CPU, a GPU, or several processes with DDP (``torchrun --nproc_per_node 2 -m peftkit.cli
 train ...``, or ``accelerate launch --multi_gpu``): Hugging Face Accelerate finds out which, wraps the
-model, and the loop splits each global batch between the processes.
+model, and the loop splits each global batch between the processes. With ``sharding="fsdp"`` the
+processes split the model itself instead of copying it (:mod:`peftkit.train.sharding`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ..precision import autocast, resolve_precision, store_frozen_linear_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import loss_fn
+from .sharding import gather_for_saving, parameter_bytes, resolve_sharding, shard_model, whole
 from .tracking import CURVE, RUN_NAME, resolve_report_to, tracker_config, write_loss_curve
 
 
@@ -96,6 +98,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         enable_gradient_checkpointing(base)
     model.to(device).train()
     trainable, total = model.get_nb_trainable_parameters()
+    sharding = resolve_sharding(cfg.sharding, world, cfg.method, hasattr(model.tuner(), "update_and_allocate"))
+    sharded = sharding == "fsdp"
+    cfg = dataclasses.replace(cfg, sharding=sharding)  # run.json and --resume see a launcher's FSDP config too
     say(f"peftkit train: {cfg.method} on {cfg.model}{'' if cfg.quantize == 'none' else f' ({cfg.quantize}-quantized)'}: "
         f"{trainable:,d} of {total:,d} parameters train "
         f"({100 * trainable / total:.4f}%); lr {cfg.peak_lr:g}{'' if cfg.lr is not None else ' (the method default)'}; "
@@ -110,25 +115,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stream = BatchStream(lengths, cfg.batch_size * cfg.grad_accum * world, cfg.seed, cfg.group_by_length, min_rows=cfg.grad_accum * world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch))
 
-    # --- optimizer, schedule, processes ------------------------------------------------------------
+    # --- sharding, optimizer, schedule, processes -----------------------------------------------------
+    if sharded:  # before the optimizer: it must hold the sharded parameters
+        shard_model(model, device, world)
+        say(f"peftkit train: the model is sharded between {world} processes (FSDP2)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
     schedule = partial(lr_factor, schedule=cfg.schedule, warmup_steps=math.ceil(cfg.warmup * total_steps), total_steps=total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ddp_model = accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
-    if use_bf16:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
+    ddp_model = model if sharded else accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
+    if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
     # moved between layers from the gradients after each optimizer step) provides these two hooks.
     steering = model.tuner() if hasattr(model.tuner(), "update_and_allocate") else None
 
     # --- resume, logging -----------------------------------------------------------------------------
-    done_steps, elapsed_before = resume(cfg, output, model, optimizer, scheduler, accelerator, total_steps, say)
+    done_steps, elapsed_before = resume(cfg, output, model, optimizer, scheduler, accelerator, total_steps, say, sharded)
     if tracker is not None:
         accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
     log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=done_steps, tracker=accelerator if tracker else None)
     elapsed = lambda: elapsed_before + time.perf_counter() - started  # noqa: E731  (wall time, over resumes)
-    evaluate = partial(evaluate_loss, model, eval_set, cfg.batch_size, pad_id, cfg.target_only_logits, device, use_bf16, accelerator)
+    evaluate = partial(evaluate_loss, model, eval_set, cfg.batch_size, pad_id, cfg.target_only_logits, device, use_bf16, accelerator,
+                       lockstep=sharded)
 
     # --- the loop --------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=done_steps, disable=not main, desc="train", unit="step", dynamic_ncols=True)
@@ -154,7 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             batch = collate_for_training([items[j] for j in micro_rows[rank::world]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             last = i == len(micro_batches) - 1  # DDP averages gradients only on the last micro-batch
-            with nullcontext() if last else accelerator.no_sync(ddp_model):
+            with nullcontext() if last or sharded else accelerator.no_sync(ddp_model):
                 with autocast(device, use_bf16):
                     token_loss, _ = loss_fn(ddp_model, batch, cfg.target_only_logits)
                 loss = token_loss * world / targets  # DDP divides by the number of processes
@@ -165,7 +174,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
 
         # clip, check, step, schedule
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))  # sharded: summed over processes
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
             bar.close()
             raise TrainingDiverged(_diverged_message(step, step_loss, grad_norm, scheduler, output))
@@ -202,12 +211,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             epoch, batch_index = divmod(step, stream.batches_per_epoch)
             state = {"step": step, "data_position": {"epoch": epoch, "batch": batch_index}, "world_size": world,
                      "elapsed_s": elapsed(), "config": dataclasses.asdict(cfg)}
-            save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints)
+            save_checkpoint(output, step, model, optimizer, scheduler, state, accelerator, cfg.keep_checkpoints, sharded)
     bar.close()
     train_seconds = time.perf_counter() - loop_started - eval_seconds
 
     # --- save: the adapter in the Hugging Face PEFT format, or the complete model --------------------
     run: dict[str, Any] = {}
+    gathered = gather_for_saving(model, preset.saves_full_model) if sharded else None  # every process takes part
     if main:
         run = {
             "peftkit_version": __version__,
@@ -224,6 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": 100 * trainable / total,
+            "parameter_mb_per_process": parameter_bytes(model) / 2**20,  # sharded: ~1/processes of the model
             "steps": max(done_steps, total_steps),
             "total_steps": total_steps,
             "examples": len(items),
@@ -239,7 +250,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **peak_memory(device),
         }
         curve = lambda folder: write_loss_curve(output / "train_log.jsonl", folder / CURVE)  # noqa: E731
-        save_final(output, model, tokenizer, run, preset.saves_full_model, extra=curve)  # staged; run.json moved in last
+        save_final(output, model, tokenizer, run, preset.saves_full_model, extra=curve, tensors=gathered)  # staged; run.json moved in last
         say(f"peftkit train: saved {'the model' if preset.saves_full_model else 'the adapter'} to {output}")
     for t in accelerator.trackers:  # flush and close the tracker's files
         t.finish()
@@ -260,9 +271,11 @@ def encode_data(cfg: TrainConfig, examples, data_format, notes: list[str], token
     return train_set, eval_set
 
 
-def resume(cfg: TrainConfig, output: Path, model, optimizer, scheduler, accelerator: Accelerator, total_steps: int, say) -> tuple[int, float]:
+def resume(cfg: TrainConfig, output: Path, model, optimizer, scheduler, accelerator: Accelerator, total_steps: int, say,
+           sharded: bool = False) -> tuple[int, float]:
     """Restore the latest checkpoint in ``output`` when ``cfg.resume``: ``(steps done, seconds spent)``,
-    ``(0, 0.0)`` for a fresh start. Clears what a killed run left half-written first."""
+    ``(0, 0.0)`` for a fresh start. Clears what a killed run left half-written first. ``sharded``: each
+    process reads its own pieces."""
     if accelerator.is_main_process:
         remove_stale_checkpoints(output)  # temporary files, unfinished saves
     accelerator.wait_for_everyone()
@@ -274,7 +287,7 @@ def resume(cfg: TrainConfig, output: Path, model, optimizer, scheduler, accelera
             say(f"peftkit train: no checkpoint in {output}; starting from the beginning")
         return 0, 0.0
     _check_same_run(read_state(checkpoint), cfg, accelerator.num_processes, checkpoint)
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, accelerator.process_index, sharded)
     say(f"peftkit train: resuming from {checkpoint} (step {state['step']} of {total_steps})")
     return state["step"], state["elapsed_s"]
 
@@ -318,20 +331,27 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, target_only: bool, device, use_bf16: bool, accelerator=None) -> float:
+def evaluate_loss(model, data: EncodedSet, batch_size: int, pad_id: int, target_only: bool, device, use_bf16: bool, accelerator=None,
+                  lockstep: bool = False) -> float:
     """Mean token cross-entropy on held-out data; the processes split the batches and add up
-    (``accelerator=None``: one process, as in ``peftkit eval``). ``target_only``: as in :func:`loss_fn`."""
+    (``accelerator=None``: one process, as in ``peftkit eval``). ``target_only``: as in :func:`loss_fn`.
+    ``lockstep``: every process runs as many forward passes (a sharded model gathers each layer from all of
+    them), the extra ones counted for nothing."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device, dtype=torch.float64)
     lengths = [len(e.input_ids) + len(e.labels) for e in data.items]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    for rows in sorted_batches(lengths, batch_size)[rank::world]:
+    batches = sorted_batches(lengths, batch_size)
+    mine = batches[rank::world]
+    for turn in range(math.ceil(len(batches) / world) if lockstep else len(mine)):
+        rows = mine[turn] if turn < len(mine) else batches[0]
         batch = {k: v.to(device) for k, v in collate_for_training([data.items[i] for i in rows], pad_id).items()}
         with autocast(device, use_bf16):
             loss, n = loss_fn(model, batch, target_only)
-        total += loss.double()
-        count += n
+        if turn < len(mine):
+            total += loss.double()
+            count += n
     model.train(was_training)
     if accelerator is not None:
         total, count = accelerator.reduce(total, reduction="sum"), accelerator.reduce(count, reduction="sum")
