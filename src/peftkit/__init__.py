@@ -23,6 +23,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.selective import SelectiveConfig
 from .model import PeftModel, get_peft_model
+from .quantize import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,6 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

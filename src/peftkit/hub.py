@@ -289,12 +289,14 @@ def load_tokenizer(where: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str = "float32"):
+def load_model(name_or_path: str, dtype: str = "float32", quantize: str = "none", device: str = "cpu"):
     """``(model, tokenizer)`` for ``--model``: causal LMs and encoder-decoder (T5/BART) models alike.
 
     The model comes back in eval mode, in ``dtype`` (training keeps fp32 weights and uses autocast;
     ``"auto"`` keeps the checkpoint's dtype), on the CPU. The one model loader of peftkit (training,
-    evaluation, serving, benchmarks).
+    evaluation, serving, benchmarks). ``quantize`` = ``nf4`` | ``fp4`` | ``int8`` loads the linear layers
+    quantized by bitsandbytes (:mod:`peftkit.quantize`), placed on ``device`` as they load (a quantized
+    model is not moved afterwards); ``dtype`` is then the dtype of the layers that stay unquantized.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -303,7 +305,12 @@ def load_model(name_or_path: str, dtype: str = "float32"):
     try:
         config = AutoConfig.from_pretrained(where)
         model_class = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
-        model = model_class.from_pretrained(where, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        options = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+        if quantize != "none":
+            from .quantize import quantization_config
+
+            options.update(quantization_config=quantization_config(quantize), device_map={"": device})
+        model = model_class.from_pretrained(where, **options)
         tokenizer = load_tokenizer(where)
     except OSError as e:
         if Path(where).is_dir():

@@ -77,6 +77,13 @@ class AdapterHost(nn.Module):
             return
         if self.merged:
             raise RuntimeError(f"Adapter {self.merged[0]!r} is already merged here; unmerge it before merging {name!r}.")
+        if type(self.base_layer).__module__.startswith("bitsandbytes"):
+            raise RuntimeError(
+                f"Adapter {name!r} cannot be merged in place into a quantized {type(self.base_layer).__name__}: adding "
+                "the update to 4/8-bit weights rounds most of it away, and unmerging could not undo that. Use "
+                "merge_and_unload(), which dequantizes the base and merges in fp32 (requantize=True quantizes the "
+                "merged model again)."
+            )
         self.adapters[name].merge(self.base_layer)
         self.merged.append(name)
 

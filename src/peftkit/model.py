@@ -117,6 +117,9 @@ class PeftModel(nn.Module):
         self._merged: str | None = None
         self._trainable_adapter: str | None = None  # the adapter whose parameters require grad
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        from .quantize import keep_training_layout  # a no-op without bitsandbytes layers
+
+        keep_training_layout(model)  # a 4-bit base must stay trainable after an evaluation pass
         with _unchanged_on_error(model):  # e.g. no target module matched: the model stays trainable as it was
             freeze(model)
             if peft_config is not None:
@@ -247,10 +250,32 @@ class PeftModel(nn.Module):
         self._tuners[self._merged].unmerge()
         self._merged = None
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and return the plain base model (original class and size)."""
+    def merge_and_unload(self, requantize: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Merge the active adapter and return the plain base model (original class and size).
+
+        On a quantized base (bitsandbytes 4/8-bit, :mod:`peftkit.quantize`) every quantized layer is first
+        dequantized to an ``nn.Linear`` and the adapter merged there in fp32, so the update is not rounded to
+        4/8 bits. The model comes back unquantized in ``dtype`` (fp32 or bf16; transformers then saves it as an
+        ordinary model), or with ``requantize=True`` quantized again as it was loaded (the base's size; the
+        merged weights then carry quantization error). ``dtype`` and ``requantize`` apply to quantized bases only.
+        """
+        from .quantize import dequantize_model, forget_quantization, quantized_kind, requantize_model
+
+        base = self.get_base_model()
+        quantized = quantized_kind(base) is not None and self._merged is None
+        if quantized:
+            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"merge_and_unload: dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}.")
+            dequantize_model(base, torch.float32)
         self.merge_adapter()
-        return self._unload_all()
+        model = self._unload_all()
+        if quantized:
+            if requantize:
+                requantize_model(model)
+            else:
+                forget_quantization(model)
+                model.to(dtype)
+        return model
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model exactly as it was (nothing merged)."""
@@ -369,8 +394,10 @@ class PeftModel(nn.Module):
         """``(trainable, all)`` parameter counts; shared (tied) tensors are counted once."""
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            # A 4-bit weight (bitsandbytes Params4bit) packs two values per byte; count the values, as peft does.
+            n = p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -53,6 +53,8 @@ class EvalConfig:
             adapter); turn off only to inspect such a file.
         task: ``generate`` scores generated text with ROUGE; ``classify`` scores the labels that an adapter from
             ``peftkit train --task classify`` predicts with accuracy and macro-F1 (:mod:`peftkit.classify`).
+        quantize: Load the base model quantized (``nf4``, ``fp4``, ``int8``, see ``peftkit train --quantize``) or not
+            (``none``). ``auto``: as the adapter was trained (its run.json), else not quantized.
     """
 
     model: str | None = None
@@ -67,19 +69,24 @@ class EvalConfig:
     cpu: bool = False
     check_values: bool = True
     task: Literal["generate", "classify"] = "generate"
+    quantize: Literal["auto", "none", "nf4", "fp4", "int8"] = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("generate", "classify"):
             raise ValueError(f"task must be 'generate' or 'classify', got {self.task!r}.")
+        if self.quantize not in ("auto", "none", "nf4", "fp4", "int8"):
+            raise ValueError(f"quantize must be auto, none, nf4, fp4 or int8, got {self.quantize!r}.")
         if isinstance(self.format, PromptFormat):  # a whole format built in Python: what it changes from the defaults
             self.format = overrides_from(self.format)
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}.")
 
 
-def load_for_inference(model: str | None, adapter: str | None, device: torch.device, check_values: bool = True):
+def load_for_inference(model: str | None, adapter: str | None, device: torch.device, check_values: bool = True,
+                       quantize: str = "auto"):
     """``(model, tokenizer, model_name)``: the base model with ``adapter`` attached (frozen), on ``device``.
-    ``check_values=False`` accepts adapter weights holding NaN/inf or integers."""
+    ``check_values=False`` accepts adapter weights holding NaN/inf or integers. ``quantize``: ``auto`` loads the
+    base as the adapter was trained (quantized when its run.json says so), else ``none``/``nf4``/``fp4``/``int8``."""
     if adapter is not None:
         path = Path(adapter)
         if not (path / CONFIG_NAME).is_file():
@@ -90,9 +97,22 @@ def load_for_inference(model: str | None, adapter: str | None, device: torch.dev
             recorded = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
             model = recorded or DEFAULT_MODEL
     model = model or DEFAULT_MODEL
-    base, tokenizer = load_model(model)
+    if quantize == "auto":
+        quantize = trained_quantization(adapter)
+    base, tokenizer = load_model(model, quantize=quantize, device=str(device))
     net = PeftModel.from_pretrained(base, adapter, check_values=check_values) if adapter is not None else base
     return net.to(device).eval(), tokenizer, model
+
+
+def trained_quantization(adapter: str | None) -> str:
+    """How the base model was quantized when ``adapter`` trained on it (``run.json`` beside it), else ``"none"``."""
+    run = Path(adapter) / "run.json" if adapter is not None else None
+    if run is None or not run.is_file():
+        return "none"
+    try:
+        return json.loads(run.read_text(encoding="utf-8")).get("config", {}).get("quantize", "none") or "none"
+    except (ValueError, AttributeError):
+        return "none"
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -110,7 +130,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     # before the model loads, so a format that contradicts training fails at once
     fmt, format_source = eval_format(cfg.format, cfg.adapter, cfg.model, cfg.override_training_format)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device, cfg.check_values)
+    model, tokenizer, model_name = load_for_inference(cfg.model, cfg.adapter, device, cfg.check_values, cfg.quantize)
     use_bf16, precision_reason = resolve_precision(cfg.generation.precision, device)
     if use_bf16:
         cast_linear_weights_to_bf16(model)

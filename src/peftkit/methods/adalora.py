@@ -146,7 +146,7 @@ class AdaLoraLinear(DeltaWeightLayer):
     def __init__(self, base: nn.Module, rank: int, init_r: int, alpha: float, dropout: float, init: bool,
                  fan_in_fan_out: bool) -> None:
         super().__init__()
-        k, d = base.weight.shape if fan_in_fan_out else base.weight.shape[::-1]
+        k, d = base.weight.shape if fan_in_fan_out else (base.in_features, base.out_features)  # packed if quantized
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.randn(rank, k))  # right singular vectors

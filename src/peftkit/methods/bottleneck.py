@@ -163,7 +163,7 @@ def _features(module: nn.Module, path: str) -> tuple[int, int]:
         )
 
     def in_out(m: nn.Module) -> tuple[int, int]:
-        k, d = m.weight.shape if isinstance(m, Conv1D) else m.weight.shape[::-1]  # Conv1D stores (in, out)
+        k, d = m.weight.shape if isinstance(m, Conv1D) else (m.in_features, m.out_features)  # Conv1D stores (in, out)
         return int(k), int(d)
 
     return in_out(linears[0])[0], in_out(linears[-1])[1]

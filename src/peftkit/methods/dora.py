@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantize import dequantized_weight
 from ..registry import Preset, register
 from .lora import LEGACY_LORA_OPTIONS, LoraConfig, LoraLinear, LoraTuner, _match_input_dtype
 
@@ -46,7 +47,7 @@ class DoraLinear(LoraLinear):
         super().__init__(base, r, alpha, dropout, rslora, init, fan_in_fan_out)
         object.__setattr__(self, "base_module", base)  # a plain reference: not registered as a submodule
         with torch.no_grad():
-            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base.weight.to(self.lora_A.weight.dtype)))
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dequantized_weight(base).to(self.lora_A.weight.dtype)))
         self.register_buffer("merged_norm", None, persistent=False)
 
     def base_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ class DoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, base) -> torch.Tensor:
         out = base(x)  # (..., d), W x + b
-        weight = self.base_module.weight
+        weight = dequantized_weight(self.base_module)  # the weight itself, or on a quantized base its dequantized values
         lora_weight = self.lora_A.weight
         scale = self.lora_magnitude_vector / self.weight_norm(weight.to(lora_weight.dtype))  # (d,)
         x = _match_input_dtype(x, lora_weight)

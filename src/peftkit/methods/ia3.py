@@ -117,7 +117,7 @@ class IA3Linear(AdapterLayer):
 
     def __init__(self, base: nn.Module, is_feedforward: bool, fan_in_fan_out: bool, init: bool) -> None:
         super().__init__()
-        k, d = base.weight.shape if fan_in_fan_out else base.weight.shape[::-1]
+        k, d = base.weight.shape if fan_in_fan_out else (base.in_features, base.out_features)  # packed if quantized
         self.is_feedforward, self.fan_in_fan_out = is_feedforward, fan_in_fan_out
         shape = (1, k) if is_feedforward else (d, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape) if init else torch.randn(shape))

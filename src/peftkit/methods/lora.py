@@ -33,6 +33,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..inject import Conv1D, check_regex, get_submodule, module_names
 from ..io.keys import HF_PREFIX
+from ..quantize import is_quantized_linear
 from ..registry import Preset, register
 from .base import AdapterLayer, DeltaWeightLayer, LayerTuner, ModuleCopy
 
@@ -184,7 +185,8 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, init, fan_in_fan_out: bool):
         super().__init__()
-        k, d = (base.weight.shape if fan_in_fan_out else base.weight.shape[::-1])
+        # A Linear's sizes come from its attributes: a quantized one (bitsandbytes) stores its weight packed.
+        k, d = base.weight.shape if fan_in_fan_out else (base.in_features, base.out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self.r, self.scaling = r, _scaling(alpha, r, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -395,12 +397,14 @@ class LoraTuner(LayerTuner):
         """Fold the adapter (:meth:`LoraLinear.fold`) for one ``generate()`` call: every new token then costs
         what it costs on the merged model, for one temporary copy of each adapted weight; the base weights are
         not touched, so nothing needs undoing but dropping the copies. Layers with active dropout (training
-        mode), DoRA and non-linear layers run unmerged as usual."""
+        mode), DoRA, non-linear layers and quantized base layers (a folded copy would be a full-precision
+        weight, the memory quantizing saved) run unmerged as usual."""
         folded = []
         try:
             for path, layer in self.layers():
-                if type(layer) is LoraLinear and not layer.dropout_active():
-                    layer.fold(get_submodule(self.model, path))
+                base = get_submodule(self.model, path)
+                if type(layer) is LoraLinear and not layer.dropout_active() and not is_quantized_linear(base):
+                    layer.fold(base)
                     folded.append(layer)
             yield
         finally:

@@ -48,6 +48,10 @@ class TrainConfig:
         max_grad_norm: Gradients are clipped to this global L2 norm (stability); 0 turns clipping off.
         precision: ``auto`` uses bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs,
             Ampere+ GPUs) and fp32 elsewhere; trainable weights and optimizer states stay fp32 either way.
+        quantize: Load the frozen base model's linear layers quantized by bitsandbytes (QLoRA): ``nf4`` (4-bit
+            NormalFloat with double quantization and bf16 matmuls, as in the QLoRA paper; about a quarter of bf16's
+            bytes), ``fp4`` (4-bit float), ``int8`` (LLM.int8(), about half), or ``none``. Adapter methods only (the
+            base stays frozen); the adapter is an ordinary PEFT adapter. Needs ``pip install 'peftkit[quantize]'``.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
         sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
             of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
@@ -92,6 +96,7 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     gradient_checkpointing: bool = False
     sharding: Literal["none", "fsdp"] = "none"
     target_only_logits: bool = True
@@ -130,9 +135,18 @@ class TrainConfig:
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
         for name, choices in (("schedule", ("cosine", "linear", "constant")), ("precision", ("auto", "bf16", "fp32")), ("sharding", ("none", "fsdp")),
                               ("report_to", ("auto", "tensorboard", "wandb", "mlflow", "none")),
-                              ("task", ("generate", "classify"))):
+                              ("task", ("generate", "classify")), ("quantize", ("none", "nf4", "fp4", "int8"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+
+        if self.quantize != "none":
+            from ..registry import tuner_for
+
+            if self.task != "generate":
+                raise ValueError(f"quantize={self.quantize} works with task=generate only; use quantize=none for task={self.task}.")
+            if tuner_for(self.method_config()).exclusive:
+                raise ValueError(f"method {self.method!r} trains the base model's own weights, which a quantized base holds "
+                                 "as frozen 4/8-bit integers; use an adapter method (lora, dora, ia3, ...) or quantize=none.")
 
     def preset(self) -> Preset:
         return get_preset(self.method)

@@ -40,6 +40,7 @@ from ..hub import is_seq2seq, load_model
 from ..io.files import append_line, atomic_write_text
 from ..model import get_peft_model
 from ..options import setting_changes
+from ..quantize import prepare_model_for_kbit_training
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -88,8 +89,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- model: the frozen base plus one trainable adapter ----------------------------------------
     preset, peft_config = cfg.preset(), cfg.method_config()  # a wrong option fails here, before any loading
     train_examples, data_format, data_notes = load_examples(cfg.data, cfg.format, limit=cfg.limit)
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model, quantize=cfg.quantize, device=str(device))
     seq2seq = is_seq2seq(base.config)
+    if cfg.quantize != "none":  # freeze, norms and embeddings in fp32, as peft's prepare_model_for_kbit_training
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_peft_model(base, peft_config)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
@@ -98,7 +101,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sharding = resolve_sharding(cfg.sharding, world, cfg.method, hasattr(model.tuner(), "update_and_allocate"))
     sharded = sharding == "fsdp"
     cfg = dataclasses.replace(cfg, sharding=sharding)  # run.json and --resume see a launcher's FSDP config too
-    say(f"peftkit train: {cfg.method} on {cfg.model}: {trainable:,d} of {total:,d} parameters train "
+    say(f"peftkit train: {cfg.method} on {cfg.model}{'' if cfg.quantize == 'none' else f' ({cfg.quantize}-quantized)'}: "
+        f"{trainable:,d} of {total:,d} parameters train "
         f"({100 * trainable / total:.4f}%); lr {cfg.peak_lr:g}{'' if cfg.lr is not None else ' (the method default)'}; "
         f"precision {'bf16 autocast' if use_bf16 else 'fp32'} ({precision_reason})")
 
