@@ -115,6 +115,17 @@ class Trainer(AdapterTrainerMixin, transformers.Trainer):
             self.compute_loss_func = functools.partial(self.label_smoother, shift_labels=causal)
 
 
+def _wrap_for_trl(trainer: str, model: Any, peft_config: Any) -> tuple[Any, Any, bool]:
+    """``(model, peft_config, created)`` for a TRL trainer: a peftkit ``peft_config`` wraps ``model`` here with
+    ``get_peft_model`` (TRL would refuse it, as it is not a ``peft.PeftConfig``) and is then passed on as None."""
+    if not isinstance(peft_config, PeftConfig):
+        return model, peft_config, False
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"With a peftkit peft_config, pass the model itself, e.g. {trainer}(model="
+                        "AutoModelForCausalLM.from_pretrained(name), peft_config=config, ...).")
+    return get_peft_model(model, peft_config), None, True
+
+
 def _sft_trainer() -> type:
     from trl import SFTTrainer as TRLSFTTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -124,13 +135,7 @@ def _sft_trainer() -> type:
         peftkit config (then ``model`` must be a model object; it is wrapped with ``get_peft_model``)."""
 
         def __init__(self, model: Any, *args: Any, peft_config: Any = None, **kwargs: Any) -> None:
-            if isinstance(peft_config, PeftConfig):
-                if isinstance(model, (str, os.PathLike)):
-                    raise TypeError(
-                        "With a peftkit peft_config, pass the model itself, e.g. "
-                        "SFTTrainer(model=AutoModelForCausalLM.from_pretrained(name), peft_config=config, ...)."
-                    )
-                model, peft_config = get_peft_model(model, peft_config), None
+            model, peft_config, _ = _wrap_for_trl("SFTTrainer", model, peft_config)
             super().__init__(model, *args, peft_config=peft_config, **kwargs)
             wrapper = self._peftkit_model()
             if wrapper is not None and "forward" in wrapper.__dict__:
@@ -188,16 +193,7 @@ def _dpo_trainer() -> type:
         adapter, a frozen copy of it named ``"ref"``."""
 
         def __init__(self, model: Any, ref_model: Any = None, *args: Any, peft_config: Any = None, **kwargs: Any) -> None:
-            if isinstance(peft_config, PeftConfig):
-                if isinstance(model, (str, os.PathLike)):
-                    raise TypeError(
-                        "With a peftkit peft_config, pass the model itself, e.g. "
-                        "DPOTrainer(model=AutoModelForCausalLM.from_pretrained(name), peft_config=config, ...)."
-                    )
-                model, peft_config = get_peft_model(model, peft_config), None
-                created = True
-            else:
-                created = False
+            model, peft_config, created = _wrap_for_trl("DPOTrainer", model, peft_config)
             reference = None
             if isinstance(model, PeftModel):
                 if isinstance(model.get_output_embeddings(), AdapterHost):
