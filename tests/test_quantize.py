@@ -204,6 +204,7 @@ def test_cli_train_quantized_then_eval_and_merge(model_dir, tmp_path, capsys):
     assert "(nf4-quantized)" in out
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
     assert recorded["config"]["quantize"] == "nf4"
+    assert recorded["config"]["gradient_checkpointing"] is True  # the default with a quantized base, as QLoRA trains
     adapter_config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"  # an ordinary PEFT adapter
 

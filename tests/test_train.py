@@ -165,6 +165,7 @@ def test_training_lowers_the_loss_and_saves_a_peft_adapter(work):
     saved = json.loads((out / "run.json").read_text())
     assert saved == json.loads(json.dumps(run))
     assert saved["config"]["lr"] == 1e-2 and saved["precision"] == "fp32" and saved["steps"] == 40
+    assert saved["config"]["gradient_checkpointing"] is False  # the default resolves to off on an unquantized base
     assert 0 < saved["trainable_params"] < saved["total_params"] and saved["peak_rss_mb"] > 0 and saved["wall_time_s"] > 0
     # The saved adapter reproduces the trained model.
     base, tok = load_model(work["llama"])

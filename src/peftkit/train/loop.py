@@ -94,6 +94,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.quantize != "none":  # freeze, norms and embeddings in fp32, as peft's prepare_model_for_kbit_training
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_peft_model(base, peft_config)
+    if cfg.gradient_checkpointing is None:  # the default: on for a quantized base (the QLoRA recipe), run.json says which
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=cfg.quantize != "none")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model.to(device).train()
