@@ -111,3 +111,21 @@ def test_loading_a_classifier_gives_a_fresh_head_of_the_label_count(trained):
     model, _ = load_classifier(base, ["a", "b", "c", "d"])
     assert isinstance(model, transformers.LlamaForSequenceClassification) and model.score.out_features == 4
     assert model.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
+
+
+
+def test_compare_refuses_the_classification_task_and_says_what_to_run(trained, tmp_path, capsys):
+    root, base = trained
+    args = ["compare", "--task", "classify", "--model", base, "--train-data", str(root / "train.jsonl"),
+            "--eval-data", str(root / "test.jsonl"), "--methods", "lora", "--output", str(tmp_path / "compare")]
+    assert main(args) != 0
+    assert "peftkit train --task classify" in capsys.readouterr().err
+    assert not (tmp_path / "compare").exists()  # refused before anything ran
+
+
+def test_the_classifier_run_json_has_the_fields_of_a_generation_run(trained):
+    root, _ = trained
+    run = json.loads((root / "run" / "run.json").read_text())
+    assert run["steps"] == 40 and run["lr"] == 1e-2 and run["processes"] == 1 and not run["saves_full_model"]
+    assert run["train_time_s"] > 0 and run["train_tokens_per_s"] > 0 and run["peak_rss_mb"] > 0
+    assert run["final_loss"] is not None and run["final_loss"] < 1.0

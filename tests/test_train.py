@@ -407,4 +407,4 @@ def test_train_help_explains_every_option(capsys):
     assert "(default: 'smollm2-135m-instruct')" in text
     # --lr defaults to each method's own learning rate, which the method list shows.
     flat = " ".join(text.split())
-    assert "none given: the method's own default" in flat and "(default lr 0.0002)" in flat and "(default lr 2e-05)" in flat
+    assert "none given: the method's own default" in flat and "(default lr 0.0005)" in flat and "(default lr 0.0001)" in flat

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 LABELS_FILE = "labels.json"
 _UNSUPPORTED = {  # TrainConfig settings the short classification loop does not implement (refused, not ignored)
-    "grad_accum": 1, "gradient_checkpointing": False, "eval_data": None, "save_every": None, "resume": False,
+    "grad_accum": 1, "gradient_checkpointing": (None, False), "eval_data": None, "save_every": None, "resume": False,
     "precision": "auto", "sharding": "none",
 }
 _TRACKERS_OK = ("auto", "none")  # classify writes train_log.jsonl only; an explicit tracker would be ignored
@@ -73,14 +73,16 @@ def _batches(texts: list[str], tokenizer, max_length: int, order: list[int], bat
 def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
     """Fine-tune a classifier: AdamW with warmup and decay, gradient clipping, a log line every ``log_every``
     steps; writes the adapter (with its head), the tokenizer, ``labels.json``, ``train_log.jsonl`` and ``run.json``."""
-    from .train.loop import lr_factor
+    from .train.loop import lr_factor, peak_memory, reset_peak_memory
 
-    changed = [f"{k}={getattr(cfg, k)!r}" for k, default in _UNSUPPORTED.items() if getattr(cfg, k) != default]
+    changed = [f"{k}={getattr(cfg, k)!r}" for k, ok in _UNSUPPORTED.items()
+               if getattr(cfg, k) not in (ok if isinstance(ok, tuple) else (ok,))]
     if getattr(cfg, "report_to", "auto") not in _TRACKERS_OK:
         changed.append(f"report_to={cfg.report_to!r}")
     if changed:
         raise ValueError(f"task 'classify' does not support {', '.join(changed)}; leave these settings at their defaults.")
     cfg.check_required()
+    reset_peak_memory()  # run.json's peak is this run's, as peftkit train's
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
@@ -108,11 +110,13 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    log, step, seen, loss_sum = [], 0, 0, 0.0
+    log, step, seen, loss_sum, tokens, last_loss = [], 0, 0, 0.0, 0, None
+    train_started = time.perf_counter()
     while step < total_steps:
         order = torch.randperm(len(texts), generator=generator).tolist()  # a new shuffle every epoch
         for rows, batch in _batches(texts, tokenizer, cfg.format.max_source_tokens, order, cfg.batch_size):
             out = model(**batch.to(device), labels=targets[rows].to(device))
+            tokens += int(batch["attention_mask"].sum())
             if not torch.isfinite(out.loss):
                 raise ValueError(f"The loss became {out.loss.item()} at step {step + 1}; lower --lr.")
             out.loss.backward()
@@ -124,13 +128,19 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
                 log.append({"step": step, "loss": loss_sum / seen, "lr": scheduler.get_last_lr()[0],
                             "elapsed_s": round(time.perf_counter() - started, 3)})
                 print(f"peftkit train: step {step}/{total_steps}  loss {loss_sum / seen:.4f}")
+                last_loss = loss_sum / seen
                 seen, loss_sum = 0, 0.0
             if step == total_steps:
                 break
 
+    train_seconds = time.perf_counter() - train_started
+    # The fields peftkit train's run.json has, so that compare, eval and resume read either the same way.
     run = {"task": "classify", "config": dataclasses.asdict(cfg), "labels": labels, "rows": len(texts),
-           "steps": step, "trainable_params": trainable, "total_params": total,
-           "wall_time_s": time.perf_counter() - started}
+           "steps": step, "total_steps": total_steps, "lr": lr, "processes": 1, "device": device.type,
+           "saves_full_model": preset.saves_full_model, "trainable_params": trainable, "total_params": total,
+           "final_loss": last_loss, "train_time_s": train_seconds,
+           "train_tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
+           **peak_memory(device), "wall_time_s": time.perf_counter() - started}
     # Staged and moved in as a whole (run.json last), like peftkit train's result.
     with staged_directory(output, last=("adapter_config.json", "run.json")) as staging:
         model.save_pretrained(staging)

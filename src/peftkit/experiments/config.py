@@ -103,6 +103,10 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}.")
+        if self.training.task != "generate":  # its latency, forgetting, report and plots are built on generated text
+            raise ValueError(f"task {self.training.task!r}: peftkit compare and sweep compare generation (ROUGE, latency, "
+                             "forgetting); train and score each classifier with `peftkit train --task classify` and "
+                             "`peftkit eval --task classify` instead.")
         blank = TrainConfig()
         for name in self.PER_ENTRY:
             if getattr(self.training, name) != getattr(blank, name):
@@ -143,7 +147,7 @@ class ExperimentConfig:
     def eval_config(self, output: str, model: str | None = None, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
                           limit=self.eval_limit, format=self.training.format, generation=self.generation(),
-                          scoring=dataclasses.replace(self.scoring), cpu=self.training.cpu)
+                          scoring=dataclasses.replace(self.scoring), cpu=self.training.cpu, task=self.training.task)
 
     def _entry(self, name: str, method: str, options: dict[str, Any] | None = None, lr: float | None = None) -> Entry:
         """An entry for ``method``: the shared options it takes, and ``lr`` or the shared or method's default."""

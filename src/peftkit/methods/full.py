@@ -73,6 +73,8 @@ class FullTuner(InPlaceTuner):
             p.requires_grad_(False)
 
 
+# lr 1e-4, a tenth of LoRA's (the ratio "LoRA Without Regret" reports): on DialogSum (40 steps of 4 dev rows, 100 test
+# rows, docs/results/methods/) it scored ROUGE-1 38.53 against 32.32 at the former 2e-5.
 register(FullConfig, FullTuner,
          Preset("full", "Full fine-tuning: every parameter trains (the baseline the PEFT methods are compared with)",
-                default_lr=2e-5, saves_full_model=True))
+                default_lr=1e-4, saves_full_model=True))

@@ -197,5 +197,8 @@ class IA3Tuner(LayerTuner):
         return d
 
 
+# lr 1e-2: on DialogSum (40 steps of 4 dev rows, 100 test rows, docs/results/methods/) ROUGE-L rose 25.39 -> 28.21 ->
+# 29.69 from 3e-3 to 1e-2 to 3e-2 while the general-text loss moved -0.006, +0.034, +0.210: 1e-2 keeps most of
+# the gain at a sixth of 3e-2's forgetting.
 register(IA3Config, IA3Tuner, Preset("ia3", "(IA)^3: learned vectors rescale keys, values and the feed-forward input",
-                                     default_lr=3e-3))
+                                     default_lr=1e-2))
