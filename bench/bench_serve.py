@@ -133,7 +133,11 @@ MODES = {
     "dynamic": (Engine, {"kv_cache": "dynamic"}),
     "swap": (SwapEngine, {}),
     "peft": (PeftEngine, {}),
+    # the static engine over a base whose linear layers compute with oneDNN-prepacked weights
+    # (bench/decode_floor.py's fastest eager decoder); adapters stay separate
+    "packed": (Engine, {"kv_cache": "static", "prepack_weights": True}),
 }
+DEFAULT_MODES = ["static", "dynamic", "swap", "peft"]
 
 
 def settings(mode: str, args) -> str:
@@ -142,6 +146,8 @@ def settings(mode: str, args) -> str:
     common = f"{dtype}, greedy, {torch.get_num_threads()} torch thread(s)"
     if mode in ("static", "dynamic"):
         return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, {mode} KV cache, {common}]"
+    if mode == "packed":
+        return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, static KV cache, oneDNN-prepacked base weights, {common}]"
     if mode == "swap":
         return f"swap [peftkit set_adapter + transformers generate, one request at a time, {common}]"
     import peft
@@ -244,13 +250,13 @@ def run(mode: str, model_dir: Path, adapters: dict[str, Path], jobs: list[dict],
 
 
 def decode_steps(model_dir: Path, adapters: dict[str, Path], prompts: list[str], max_tokens: int, repeats: int,
-                 device: str | None, dtype: str) -> dict[str, list[float]]:
+                 device: str | None, dtype: str, kinds: list[str]) -> dict[str, list[float]]:
     """Seconds of each decoding step of ``len(prompts)`` requests (one adapter each, admitted together) in an
-    engine driven by hand, for the static and the dynamic cache in turn, ``repeats`` rounds."""
+    engine driven by hand, for each of ``kinds`` (static, dynamic, packed) in turn, ``repeats`` rounds."""
     engines = {}
-    for kind in ("static", "dynamic"):
+    for kind in kinds:
         model, tokenizer = load_base(str(model_dir), device, dtype)
-        engines[kind] = Engine(model, tokenizer, max_batch_size=len(prompts), kv_cache=kind)
+        engines[kind] = Engine(model, tokenizer, max_batch_size=len(prompts), **MODES[kind][1])
         for name, path in adapters.items():
             engines[kind].load_adapter(name, str(path)).result()
     names = list(adapters)
@@ -270,7 +276,7 @@ def decode_steps(model_dir: Path, adapters: dict[str, Path], prompts: list[str],
                     if round_:
                         times[kind].append(time.perf_counter() - start)
             tokens[kind] = [r.generated for r in requests]
-    times["same_tokens"] = tokens["static"] == tokens["dynamic"]
+    times["same_tokens"] = {kind: tokens[kind] == tokens["dynamic"] for kind in kinds}
     return times
 
 
@@ -290,7 +296,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
+                        help="the first is the one the others are compared with (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every mode per setting (median requests/s)")
     parser.add_argument("--step-rows", type=int, default=8, help="rows of the decoding-step timing (0: skip it)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -311,9 +318,10 @@ def main() -> None:
         if args.step_rows:
             step_adapters = dict(list(all_adapters.items())[: args.step_rows])
             load = load_average()
+            kinds = ["static", "dynamic"] + (["packed"] if "packed" in args.modes else [])
             times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, max(args.repeats, 2),
-                                 args.device, args.dtype)
-            step = {kind: round(1000 * statistics.median(times[kind]), 2) for kind in ("static", "dynamic")}
+                                 args.device, args.dtype, kinds)
+            step = {kind: round(1000 * statistics.median(times[kind]), 2) for kind in kinds}
             step.update(rows=args.step_rows, steps_timed=len(times["static"]), same_tokens=times["same_tokens"],
                         load_average=[load, load_average()])
             print(json.dumps({"decode_step_ms": step}), flush=True)
@@ -354,7 +362,10 @@ def main() -> None:
     if step:
         print(f"decoding step, {step['rows']} rows with one adapter each, median of {step['steps_timed']} steps: "
               f"static {step['static']:.1f} ms, dynamic {step['dynamic']:.1f} ms -> dynamic / static "
-              f"{step['dynamic'] / step['static']:.2f}x; tokens equal: {step['same_tokens']}; load {step['load_average']}")
+              f"{step['dynamic'] / step['static']:.2f}x; tokens equal to dynamic's: {step['same_tokens']}; load {step['load_average']}")
+        if "packed" in step:
+            print(f"  packed (static cache + oneDNN-prepacked base weights) {step['packed']:.1f} ms -> dynamic / packed "
+                  f"{step['dynamic'] / step['packed']:.2f}x")
     header = " | ".join(f"{mode + ' req/s':>13} {'p50 s':>7}" for mode in args.modes)
     print(f"{'adapters':>8} {'clients':>7} | {header} | load")
     ratios = []

@@ -32,6 +32,9 @@ class ServeConfig:
         kv_cache: Where the running requests' keys and values live. ``static``: preallocated slots written in
             place (grown by doubling, kept between requests); ``dynamic``: transformers' cache, copied as it
             grows. The same tokens either way. Models with sliding-window layers need ``dynamic``.
+        prepack_weights: On a CPU, the base model's linear layers compute with copies of their weights
+            prepacked once for oneDNN: faster decoding steps, for the linear layers' memory once more.
+            Adapters stay separate per request.
     """
 
     model: str
@@ -47,6 +50,7 @@ class ServeConfig:
     device: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     kv_cache: Literal["static", "dynamic"] = "dynamic"
+    prepack_weights: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

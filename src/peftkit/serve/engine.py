@@ -35,6 +35,7 @@ from ..tuner import BASE
 from . import batch
 from .adapters import attach
 from .kv_cache import KV_CACHES, KvCache, running_cache, static_refusal
+from .prepack import prepack_linear_weights
 from .text import TextStream
 
 
@@ -129,6 +130,9 @@ class Engine:
             place (no copy of the whole cache per step, join or leave); ``"dynamic"``: transformers'
             ``DynamicCache``, grown by concatenation. Same tokens either way; a model the static cache
             cannot serve (sliding-window layers) is refused with the reason.
+        prepack_weights: The base model's frozen linear layers compute with oneDNN-prepacked copies of their
+            weights (CPU only; :mod:`peftkit.serve.prepack`): faster steps for the linear layers' memory once
+            more. Adapters stay separate per row.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class Engine:
         max_model_len: int | None = None,
         max_prefill_tokens: int = 4096,
         kv_cache: KvCache = "dynamic",
+        prepack_weights: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}.")
@@ -158,6 +163,11 @@ class Engine:
         if kv_cache == "static" and (reason := static_refusal(config)):
             raise ValueError(f"kv_cache='static' cannot serve {type(base).__name__}: {reason}; use kv_cache='dynamic'.")
         self.kv_cache = kv_cache
+        if prepack_weights:
+            if self.model.peft_config:  # their layers would be packed as if they were the base's
+                raise ValueError("prepack_weights packs the base model before adapters are attached; pass the bare base "
+                                 "model and load the adapters into the engine.")
+        self.prepacked_layers = prepack_linear_weights(base, rows=max_batch_size) if prepack_weights else 0
         self.device = next(base.parameters()).device
         limit = getattr(config, "max_position_embeddings", None)
         self.max_model_len = int(max_model_len or limit or 2048)
