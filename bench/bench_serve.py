@@ -319,7 +319,7 @@ def main() -> None:
             step_adapters = dict(list(all_adapters.items())[: args.step_rows])
             load = load_average()
             kinds = ["static", "dynamic"] + (["packed"] if "packed" in args.modes else [])
-            times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, max(args.repeats, 2),
+            times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, args.repeats,
                                  args.device, args.dtype, kinds)
             step = {kind: round(1000 * statistics.median(times[kind]), 2) for kind in kinds}
             step.update(rows=args.step_rows, steps_timed=len(times["static"]), same_tokens=times["same_tokens"],
