@@ -113,5 +113,6 @@ def test_models_with_sliding_window_layers_keep_the_dynamic_cache(model_dir):
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="sliding_attention.*kv_cache='dynamic'"):
         Engine(model, tokenizer, kv_cache="static")
-    with pytest.raises(ValueError, match="kv_cache must be one of"):
+    assert Engine(model, tokenizer).kv_cache == "dynamic"  # the default, auto, falls back
+    with pytest.raises(ValueError, match="kv_cache must be auto, static or dynamic"):
         Engine(model, tokenizer, kv_cache="paged")

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -128,8 +128,9 @@ class Engine:
             wait while new ones join. A longer single prompt is still admitted on its own.
         kv_cache: ``"static"``: the running rows' keys and values live in preallocated slots written in
             place (no copy of the whole cache per step, join or leave); ``"dynamic"``: transformers'
-            ``DynamicCache``, grown by concatenation. Same tokens either way; a model the static cache
-            cannot serve (sliding-window layers) is refused with the reason.
+            ``DynamicCache``, grown by concatenation; ``"auto"``: static where the model allows it (not
+            with sliding-window layers), else dynamic. Same tokens either way; ``"static"`` for a model
+            it cannot serve is refused with the reason.
         prepack_weights: The base model's frozen linear layers compute with oneDNN-prepacked copies of their
             weights (CPU only; :mod:`peftkit.serve.prepack`): faster steps for the linear layers' memory once
             more. Adapters stay separate per row.
@@ -144,7 +145,7 @@ class Engine:
         max_queue: int = 256,
         max_model_len: int | None = None,
         max_prefill_tokens: int = 4096,
-        kv_cache: KvCache = "dynamic",
+        kv_cache: KvCache | Literal["auto"] = "auto",
         prepack_weights: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
@@ -158,8 +159,10 @@ class Engine:
         config = base.config
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"peftkit serve runs decoder-only causal LMs; {type(base).__name__} is an encoder-decoder.")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}.")
+        if kv_cache not in (*KV_CACHES, "auto"):
+            raise ValueError(f"kv_cache must be auto, {' or '.join(KV_CACHES)}, got {kv_cache!r}.")
+        if kv_cache == "auto":
+            kv_cache = "dynamic" if static_refusal(config) else "static"
         if kv_cache == "static" and (reason := static_refusal(config)):
             raise ValueError(f"kv_cache='static' cannot serve {type(base).__name__}: {reason}; use kv_cache='dynamic'.")
         self.kv_cache = kv_cache
