@@ -1,16 +1,23 @@
-"""Serving many adapters: continuous mixed-adapter batching vs swapping adapters one request at a time.
+"""Serving many adapters: continuous mixed-adapter batching vs swapping adapters, vs ``peft``.
 
-Both run behind the same HTTP server (``peftkit.serve.app``) in this process, with the same clients:
+All modes run behind the same HTTP server (``peftkit.serve.app``) in this process, with the same clients:
 
-* ``batched``: the serving engine. Concurrent requests for different adapters share one forward pass
-  per decoding step; new requests join between steps (``peftkit serve``).
+* ``static``: the serving engine (``peftkit serve``) with its KV cache in preallocated slots
+  (``--kv-cache static``). Concurrent requests for different adapters share one forward pass per
+  decoding step; new requests join between steps.
+* ``dynamic``: the same engine with transformers' ``DynamicCache`` (``--kv-cache dynamic``).
 * ``swap``: the alternative without batching. One request at a time: ``set_adapter(name)`` then
   ``generate`` (Hugging Face's loop with a KV cache), the next request waits.
+* ``peft``: the reference package at its best for mixed adapters: every waiting request (up to
+  ``--max-batch-size``) in one left-padded batch, ``generate(adapter_names=[...])``; requests arriving
+  meanwhile wait for the next batch (``generate`` cannot take rows mid-way).
 
 C closed-loop clients (C = 1, 8, 32) send N greedy requests in total, spread round-robin over 1 or 8
-adapters. Printed: requests/s, p50/p99 latency, and batched/swap throughput ratio; the generated
-texts of both modes are compared request by request. Results go to ``bench/results/serve.json``
-(one entry per model, so tiny and real-model runs sit side by side).
+adapters; the modes run in turn for each setting (``--repeats`` rounds, median requests/s). Printed:
+requests/s, p50/p99 latency, the ratios with each side's settings and the load average, and whether
+the generated texts equal the static engine's request by request. Before that, the decoding step alone
+(``--step-rows`` requests, one adapter each, in one engine without HTTP; static and dynamic cache in
+turn): median ms per step. Results go to ``bench/results/serve.json`` (one entry per model).
 
     .venv/bin/python bench/bench_serve.py                      # a small random Llama, built here
     .venv/bin/python bench/bench_serve.py --model DIR --requests 32 --max-tokens 32   # a real model dir
@@ -26,6 +33,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -35,10 +43,12 @@ from pathlib import Path
 import httpx
 import torch
 import transformers
+from common import load_average
 
 from peftkit import LoraConfig, get_peft_model
+from peftkit.serve import batch
 from peftkit.serve.app import create_app, load_base
-from peftkit.serve.engine import Engine, Output
+from peftkit.serve.engine import Engine, Output, Request, SamplingParams
 from peftkit.tuner import BASE
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +84,76 @@ class SwapEngine(Engine):
         self.counters["tokens"] += len(r.generated)
         self.counters["finished"] += 1
         r.emit(Output(piece, "stop" if ended else "length", len(r.prompt_ids), len(r.generated)))
+
+
+class PeftEngine(Engine):
+    """The reference: ``peft.PeftModel`` with every adapter loaded; each step takes every waiting request (up
+    to ``max_batch_size``) and runs one ``generate(adapter_names=[...])`` over them, left-padded."""
+
+    peft_model = None
+
+    def _load(self, name: str, path: str, future) -> None:
+        import peft
+
+        base = self.model.get_base_model()  # peftkit's wrapper holds no adapter; peft injects into the base
+        if self.peft_model is None:
+            self.peft_model = peft.PeftModel.from_pretrained(base, path, adapter_name=name).eval()
+        else:
+            self.peft_model.load_adapter(path, adapter_name=name)
+        with self._cond:
+            self._loading.discard(name)
+            self._adapters[name] = str(path)
+        future.set_result(name)
+
+    def _step(self) -> None:
+        with self._cond:
+            take = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch_size))]
+        if not take:
+            return
+        self._admitted = take
+        ids, mask = batch.left_padded([r.prompt_ids for r in take], self.pad_id, self.device)
+        out = self.peft_model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max(r.params.max_tokens for r in take), do_sample=False,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id, adapter_names=[r.adapter for r in take])
+        self.counters["steps"] += 1
+        self.counters["max_rows"] = max(self.counters["max_rows"], len(take))
+        for r, row in zip(take, out[:, ids.shape[1]:].tolist(), strict=True):
+            generated = row[: r.params.max_tokens]
+            ended = next((i for i, t in enumerate(generated) if t in self.eos_ids), None)
+            r.generated = generated if ended is None else generated[: ended + 1]
+            piece, _ = r.text.update(r.generated[:-1] if ended is not None else r.generated, final=True)
+            r.finished = True
+            self.counters["tokens"] += len(r.generated)
+            self.counters["finished"] += 1
+            r.emit(Output(piece, "stop" if ended is not None else "length", len(r.prompt_ids), len(r.generated)))
+
+
+MODES = {
+    "static": (Engine, {"kv_cache": "static"}),
+    "dynamic": (Engine, {"kv_cache": "dynamic"}),
+    "swap": (SwapEngine, {}),
+    "peft": (PeftEngine, {}),
+    # the static engine over a base whose linear layers compute with oneDNN-prepacked weights
+    # (bench/decode_floor.py's fastest eager decoder); adapters stay separate
+    "packed": (Engine, {"kv_cache": "static", "prepack_weights": True}),
+}
+DEFAULT_MODES = ["static", "dynamic", "swap", "peft"]
+
+
+def settings(mode: str, args) -> str:
+    """What each side ran, printed next to every ratio."""
+    dtype = "fp32" if args.dtype == "auto" and (args.device or "cpu") == "cpu" else args.dtype
+    common = f"{dtype}, greedy, {torch.get_num_threads()} torch thread(s)"
+    if mode in ("static", "dynamic"):
+        return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, {mode} KV cache, {common}]"
+    if mode == "packed":
+        return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, static KV cache, oneDNN-prepacked base weights, {common}]"
+    if mode == "swap":
+        return f"swap [peftkit set_adapter + transformers generate, one request at a time, {common}]"
+    import peft
+
+    return (f"peft {peft.__version__} [generate(adapter_names=...) over every waiting request, up to {args.max_batch_size} "
+            f"rows, left-padded, dynamic cache, {common}]")
 
 
 # --- models and adapters --------------------------------------------------------------------------------
@@ -154,18 +234,54 @@ async def drive(url: str, jobs: list[dict], concurrency: int) -> tuple[float, li
         return time.perf_counter() - start, latencies, texts
 
 
-def run(engine_class, model_dir: Path, adapters: dict[str, Path], jobs: list[dict], concurrency: int, max_batch_size: int,
+def run(mode: str, model_dir: Path, adapters: dict[str, Path], jobs: list[dict], concurrency: int, max_batch_size: int,
         device: str | None, dtype: str):
+    engine_class, options = MODES[mode]
     model, tokenizer = load_base(str(model_dir), device, dtype)
-    engine = engine_class(model, tokenizer, max_batch_size=max_batch_size, max_queue=4096)
+    engine = engine_class(model, tokenizer, max_batch_size=max_batch_size, max_queue=4096, **options)
     for name, path in adapters.items():
         engine.load_adapter(name, str(path)).result()
     app = create_app(engine, tokenizer, model_name="base")
     with Server(app) as server:
         asyncio.run(drive(server.url, jobs[: min(len(jobs), 2)], 1))  # warm-up (not timed)
+        clock = time.pthread_getcpuclockid(engine._thread.ident)
+        cpu_start = time.clock_gettime(clock)
         seconds, latencies, texts = asyncio.run(drive(server.url, jobs, concurrency))
+        cpu = time.clock_gettime(clock) - cpu_start
     tokens = engine.stats()["tokens"]
-    return seconds, latencies, texts, engine.stats(), tokens
+    return seconds, latencies, texts, engine.stats(), tokens, cpu
+
+
+def decode_steps(model_dir: Path, adapters: dict[str, Path], prompts: list[str], max_tokens: int, repeats: int,
+                 device: str | None, dtype: str, kinds: list[str]) -> dict[str, list[float]]:
+    """Seconds of each decoding step of ``len(prompts)`` requests (one adapter each, admitted together) in an
+    engine driven by hand, for each of ``kinds`` (static, dynamic, packed) in turn, ``repeats`` rounds."""
+    engines = {}
+    for kind in kinds:
+        model, tokenizer = load_base(str(model_dir), device, dtype)
+        engines[kind] = Engine(model, tokenizer, max_batch_size=len(prompts), **MODES[kind][1])
+        for name, path in adapters.items():
+            engines[kind].load_adapter(name, str(path)).result()
+    names = list(adapters)
+    ids = [tokenizer(p).input_ids for p in prompts]
+    times: dict[str, list[float]] = {k: [] for kind in engines for k in (kind, f"{kind}_cpu")}
+    tokens: dict[str, list] = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for kind, engine in engines.items():
+            requests = [Request(p, names[i % len(names)], SamplingParams(max_tokens=max_tokens, temperature=0), lambda out: None)
+                        for i, p in enumerate(ids)]
+            engine.submit(requests)
+            with torch.inference_mode():
+                engine._step()  # prefill + the first step
+                while engine._rows:
+                    start, cpu_start = time.perf_counter(), time.thread_time()
+                    engine._step()
+                    if round_:
+                        times[kind].append(time.perf_counter() - start)
+                        times[f"{kind}_cpu"].append(time.thread_time() - cpu_start)
+            tokens[kind] = [r.generated for r in requests]
+    times["same_tokens"] = {kind: tokens[kind] == tokens["dynamic"] for kind in kinds}
+    return times
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,6 +300,10 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
+                        help="the first is the one the others are compared with (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every mode per setting (median requests/s)")
+    parser.add_argument("--step-rows", type=int, default=8, help="rows of the decoding-step timing (0: skip it)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.threads:
@@ -194,10 +314,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = Path(args.model) if args.model else tiny_model_dir(root)
-        all_adapters = make_adapters(model_dir, root, max(args.adapters))
+        all_adapters = make_adapters(model_dir, root, max(args.adapters + [args.step_rows]))
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         rng = random.Random(0)
         prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(args.requests)]
+        step = {}
+        if args.step_rows:
+            step_adapters = dict(list(all_adapters.items())[: args.step_rows])
+            load = load_average()
+            kinds = ["static", "dynamic"] + (["packed"] if "packed" in args.modes else [])
+            times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, args.repeats,
+                                 args.device, args.dtype, kinds)
+            step = {k: round(1000 * statistics.median(times[k]), 2) for kind in kinds for k in (kind, f"{kind}_cpu")}
+            step.update(rows=args.step_rows, steps_timed=len(times["static"]), same_tokens=times["same_tokens"],
+                        load_average=[load, load_average()])
+            print(json.dumps({"decode_step_ms": step}), flush=True)
         runs, rows = [], []
         for n_adapters in args.adapters:
             adapters = dict(list(all_adapters.items())[:n_adapters])
@@ -205,35 +336,60 @@ def main() -> None:
             jobs = [{"model": names[i % n_adapters], "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}
                     for i, p in enumerate(prompts)]
             for concurrency in args.concurrency:
-                result = {}
-                for mode, engine_class in (("batched", Engine), ("swap", SwapEngine)):
-                    seconds, latencies, texts, stats, tokens = run(
-                        engine_class, model_dir, adapters, jobs, concurrency, args.max_batch_size, args.device, args.dtype)
-                    result[mode] = texts
-                    entry = {
-                        "mode": mode, "adapters": n_adapters, "concurrency": concurrency, "requests": len(jobs),
-                        "seconds": round(seconds, 3), "requests_per_s": round(len(jobs) / seconds, 3),
-                        "tokens_per_s": round(tokens / seconds, 1),
-                        "p50_latency_s": round(percentile(latencies, 50), 4), "p99_latency_s": round(percentile(latencies, 99), 4),
-                        "max_rows_in_a_step": stats["max_rows"],
-                    }
-                    runs.append(entry)
-                    print(json.dumps(entry), flush=True)
-                batched, swap = runs[-2], runs[-1]
-                same = sum(a == b for a, b in zip(result["batched"], result["swap"]))
-                rows.append((n_adapters, concurrency, batched, swap, same, len(jobs)))
+                texts, entries = {}, {mode: [] for mode in args.modes}
+                for _ in range(args.repeats):
+                    for mode in args.modes:  # in turn, so that drift in the machine's speed hits every mode alike
+                        load = load_average()
+                        seconds, latencies, texts[mode], stats, tokens, cpu = run(
+                            mode, model_dir, adapters, jobs, concurrency, args.max_batch_size, args.device, args.dtype)
+                        entry = {
+                            "mode": mode, "adapters": n_adapters, "concurrency": concurrency, "requests": len(jobs),
+                            "seconds": round(seconds, 3), "requests_per_s": round(len(jobs) / seconds, 3),
+                            # the engine thread's CPU time: what the machine would take alone, whatever else runs
+                            "engine_cpu_s": round(cpu, 3), "requests_per_engine_cpu_s": round(len(jobs) / cpu, 3),
+                            "tokens_per_s": round(tokens / seconds, 1),
+                            "p50_latency_s": round(percentile(latencies, 50), 4), "p99_latency_s": round(percentile(latencies, 99), 4),
+                            "max_rows_in_a_step": stats["max_rows"], "load_average": load,
+                        }
+                        runs.append(entry)
+                        entries[mode].append(entry)
+                        print(json.dumps(entry), flush=True)
+                first = args.modes[0]
+                same = {mode: sum(a == b for a, b in zip(texts[first], texts[mode])) for mode in args.modes}
+                median_of = {mode: statistics.median(e["requests_per_s"] for e in entries[mode]) for mode in args.modes}
+                median_cpu = {mode: statistics.median(e["requests_per_engine_cpu_s"] for e in entries[mode]) for mode in args.modes}
+                loads = [e["load_average"] for mode in args.modes for e in entries[mode]]
+                rows.append((n_adapters, concurrency, median_of, median_cpu, entries, same, len(jobs), (min(loads), max(loads))))
 
+    first = args.modes[0]
     print(f"\nmodel: {args.model or 'tiny random Llama (4 layers, hidden 256)'}; {args.requests} requests x "
-          f"{args.max_tokens} tokens, greedy; torch threads {torch.get_num_threads()}")
-    print(f"{'adapters':>8} {'clients':>7} | {'batched req/s':>13} {'p50 s':>7} {'p99 s':>7} | {'swap req/s':>10} "
-          f"{'p50 s':>7} {'p99 s':>7} | {'ratio':>5} | same text")
+          f"{args.max_tokens} tokens, greedy; torch threads {torch.get_num_threads()}; {args.repeats} round(s) per mode")
+    for mode in args.modes:
+        print(f"  {mode}: {settings(mode, args)}")
+    if step:
+        print(f"decoding step, {step['rows']} rows with one adapter each, median of {step['steps_timed']} steps "
+              f"(wall ms / CPU ms of the thread; load {step['load_average']}); tokens equal to dynamic's: {step['same_tokens']}")
+        for kind in [k for k in ("static", "packed") if k in step]:
+            print(f"  {kind} {step[kind]:.1f} / {step[kind + '_cpu']:.1f} ms vs dynamic {step['dynamic']:.1f} / "
+                  f"{step['dynamic_cpu']:.1f} ms -> dynamic / {kind}: {step['dynamic'] / step[kind]:.2f}x wall, "
+                  f"{step['dynamic_cpu'] / step[kind + '_cpu']:.2f}x CPU")
+    print("requests/s (wall) and requests per CPU second of the engine thread (what the work costs, whatever else runs)")
+    header = " | ".join(f"{mode + ' req/s':>13} {'/cpu s':>7} {'p50 s':>7}" for mode in args.modes)
+    print(f"{'adapters':>8} {'clients':>7} | {header} | load")
     ratios = []
-    for n_adapters, concurrency, b, s, same, total in rows:
-        ratio = b["requests_per_s"] / s["requests_per_s"]
-        ratios.append({"adapters": n_adapters, "concurrency": concurrency, "throughput_ratio_batched_over_swap": round(ratio, 2),
-                       "same_text": f"{same}/{total}"})
-        print(f"{n_adapters:>8} {concurrency:>7} | {b['requests_per_s']:>13.2f} {b['p50_latency_s']:>7.3f} {b['p99_latency_s']:>7.3f} | "
-              f"{s['requests_per_s']:>10.2f} {s['p50_latency_s']:>7.3f} {s['p99_latency_s']:>7.3f} | {ratio:>5.2f} | {same}/{total}")
+    for n_adapters, concurrency, median_of, median_cpu, entries, same, total, loads in rows:
+        cells = " | ".join(f"{median_of[m]:>13.3f} {median_cpu[m]:>7.3f} {statistics.median(e['p50_latency_s'] for e in entries[m]):>7.2f}"
+                           for m in args.modes)
+        print(f"{n_adapters:>8} {concurrency:>7} | {cells} | {loads[0]:.2f}-{loads[1]:.2f}")
+        for mode in args.modes[1:]:
+            ratio, cpu_ratio = median_of[first] / median_of[mode], median_cpu[first] / median_cpu[mode]
+            ratios.append({"adapters": n_adapters, "concurrency": concurrency, f"requests_per_s_{first}_over_{mode}": round(ratio, 2),
+                           f"requests_per_engine_cpu_s_{first}_over_{mode}": round(cpu_ratio, 2),
+                           "same_text": f"{same[mode]}/{total}", "load_average": list(loads),
+                           first: settings(first, args), mode: settings(mode, args)})
+            print(f"{'':>17}{first} / {mode}: {ratio:.2f}x requests/s, {cpu_ratio:.2f}x per engine CPU second; texts equal "
+                  f"to {first}'s: {same[mode]}/{total}; load {loads[0]:.2f}-{loads[1]:.2f}; {first} = {settings(first, args)}; "
+                  f"{mode} = {settings(mode, args)}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +400,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
         else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(), "requests": args.requests, "max_tokens": args.max_tokens,
-        "max_batch_size": args.max_batch_size, "runs": runs, "ratios": ratios,
+        "max_batch_size": args.max_batch_size, "repeats": args.repeats, "decode_step_ms": step,
+        "settings": {mode: settings(mode, args) for mode in args.modes}, "runs": runs, "ratios": ratios,
     }
     out.write_text(json.dumps(existing, indent=2) + "\n")
     print(f"\nwrote {out}")

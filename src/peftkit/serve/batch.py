@@ -35,7 +35,8 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _layers(cache: DynamicCache) -> list:
+def layers_of(cache: DynamicCache) -> list:
+    """The layers of ``cache`` that hold keys."""
     return [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel()]
 
 
@@ -43,7 +44,7 @@ def merge(cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_
     """Append the rows of ``new_cache`` (B2, heads, T2, dim) below those of ``cache`` (B1, heads, T1, dim),
     in place, padding the shorter of the two on the left. Returns the merged mask (B1 + B2, max(T1, T2))."""
     length = max(mask.shape[1], new_mask.shape[1])
-    for old, new in zip(_layers(cache), _layers(new_cache), strict=True):
+    for old, new in zip(layers_of(cache), layers_of(new_cache), strict=True):
         old.keys = torch.cat([_pad_left(old.keys, length, dim=2), _pad_left(new.keys, length, dim=2)])
         old.values = torch.cat([_pad_left(old.values, length, dim=2), _pad_left(new.values, length, dim=2)])
     return torch.cat([_pad_left(mask, length, dim=1), _pad_left(new_mask, length, dim=1)])
@@ -56,7 +57,7 @@ def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Te
     mask = mask.index_select(0, index)
     used = mask.any(dim=0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]
-    for layer in _layers(cache):
+    for layer in layers_of(cache):
         layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:]
         layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
     return mask[:, start:]

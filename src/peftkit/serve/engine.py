@@ -4,8 +4,8 @@ request, whatever adapter each one uses.
 One worker thread owns the model. Each turn of its loop it
   1. runs control commands (load/unload an adapter) and drops aborted requests,
   2. admits waiting requests and prefills them together as one left-padded batch, each row with its
-     own adapter (``PeftModel(..., adapter_names=[...])``), and appends their KV cache below the
-     running rows (see :mod:`peftkit.serve.batch` for the layout),
+     own adapter (``PeftModel(..., adapter_names=[...])``), and adds their KV cache to the running
+     rows' (see :mod:`peftkit.serve.kv_cache`: preallocated slots, or transformers' dynamic cache),
   3. runs one decoding step for every running row, samples one token per row, and lets finished
      rows leave (their cache rows are dropped).
 Other threads (the HTTP server) only call :meth:`Engine.submit`, :meth:`Engine.abort` and the
@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ from ..model import PeftModel
 from ..tuner import BASE
 from . import batch
 from .adapters import attach
+from .kv_cache import KV_CACHES, KvCache, running_cache, static_refusal
+from .prepack import prepack_linear_weights
 from .text import TextStream
 
 
@@ -124,6 +126,14 @@ class Engine:
         max_model_len: Longest prompt + completion in tokens (default: the model's ``max_position_embeddings``).
         max_prefill_tokens: Padded prompt tokens prefilled in one step; bounds how long running requests
             wait while new ones join. A longer single prompt is still admitted on its own.
+        kv_cache: ``"static"``: the running rows' keys and values live in preallocated slots written in
+            place (no copy of the whole cache per step, join or leave); ``"dynamic"``: transformers'
+            ``DynamicCache``, grown by concatenation; ``"auto"``: static where the model allows it (not
+            with sliding-window layers), else dynamic. Same tokens either way; ``"static"`` for a model
+            it cannot serve is refused with the reason.
+        prepack_weights: The base model's frozen linear layers compute with oneDNN-prepacked copies of their
+            weights (CPU only; :mod:`peftkit.serve.prepack`): faster steps for the linear layers' memory once
+            more. Adapters stay separate per row.
     """
 
     def __init__(
@@ -135,6 +145,8 @@ class Engine:
         max_queue: int = 256,
         max_model_len: int | None = None,
         max_prefill_tokens: int = 4096,
+        kv_cache: KvCache | Literal["auto"] = "auto",
+        prepack_weights: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}.")
@@ -147,6 +159,18 @@ class Engine:
         config = base.config
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"peftkit serve runs decoder-only causal LMs; {type(base).__name__} is an encoder-decoder.")
+        if kv_cache not in (*KV_CACHES, "auto"):
+            raise ValueError(f"kv_cache must be auto, {' or '.join(KV_CACHES)}, got {kv_cache!r}.")
+        if kv_cache == "auto":
+            kv_cache = "dynamic" if static_refusal(config) else "static"
+        if kv_cache == "static" and (reason := static_refusal(config)):
+            raise ValueError(f"kv_cache='static' cannot serve {type(base).__name__}: {reason}; use kv_cache='dynamic'.")
+        self.kv_cache = kv_cache
+        if prepack_weights:
+            if self.model.peft_config:  # their layers would be packed as if they were the base's
+                raise ValueError("prepack_weights packs the base model before adapters are attached; pass the bare base "
+                                 "model and load the adapters into the engine.")
+        self.prepacked_layers = prepack_linear_weights(base, rows=max_batch_size) if prepack_weights else 0
         self.device = next(base.parameters()).device
         limit = getattr(config, "max_position_embeddings", None)
         self.max_model_len = int(max_model_len or limit or 2048)
@@ -170,8 +194,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         # The running batch, touched only by the worker thread.
         self._rows: list[Request] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (rows, cached columns), 1 = real token
+        self._cache = running_cache(kv_cache)  # the running rows' keys and values, row i = self._rows[i]
         self._admitted: list[Request] = []  # admitted this step (failed together with the batch on an error)
         self.counters = dict(steps=0, prefills=0, tokens=0, joins=0, mixed_steps=0, max_rows=0,
                              max_adapters_in_step=0, finished=0, aborted=0, errors=0)
@@ -399,10 +422,8 @@ class Engine:
             mask = batch.select(cache, mask, keep)
         joining = [new[i] for i in keep]
         if self._rows:
-            self._mask = batch.merge(self._cache, self._mask, cache, mask)
             self.counters["joins"] += 1
-        else:
-            self._cache, self._mask = cache, mask
+        self._cache.join(cache, mask)
         with self._cond:
             self._rows = self._rows + joining
 
@@ -410,10 +431,9 @@ class Engine:
         rows = self._rows
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        cache, mask = self._cache.step()
         adapters = [r.adapter for r in rows]
-        logits = self._forward(ids, mask, positions, self._cache, adapters)
-        self._mask = mask
+        logits = self._forward(ids, mask, positions, cache, adapters)
         c = self.counters
         c["steps"] += 1
         c["max_rows"] = max(c["max_rows"], len(rows))
@@ -478,12 +498,10 @@ class Engine:
         return reason is not None
 
     def _keep(self, keep: list[int]) -> None:
-        if keep:
-            self._mask = batch.select(self._cache, self._mask, keep)
-        else:
-            self._cache, self._mask = None, None
+        """Keep running rows ``keep``; the cache says in which order they go on (slots are refilled)."""
+        order = self._cache.keep(keep)
         with self._cond:
-            self._rows = [self._rows[i] for i in keep]
+            self._rows = [self._rows[i] for i in order]
 
     def _drop_aborted(self) -> None:
         with self._cond:
@@ -501,7 +519,9 @@ class Engine:
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         self.counters["errors"] += 1
-        self._keep([])
+        self._cache = running_cache(self.kv_cache)  # a step that failed half-way may have left it inconsistent
+        with self._cond:
+            self._rows = []
         for r in requests:
             if not r.finished:
                 r.finished = True
