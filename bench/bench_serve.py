@@ -133,7 +133,11 @@ MODES = {
     "dynamic": (Engine, {"kv_cache": "dynamic"}),
     "swap": (SwapEngine, {}),
     "peft": (PeftEngine, {}),
+    # the static engine over a base whose linear layers compute with oneDNN-prepacked weights
+    # (bench/decode_floor.py's fastest eager decoder); adapters stay separate
+    "packed": (Engine, {"kv_cache": "static", "prepack_weights": True}),
 }
+DEFAULT_MODES = ["static", "dynamic", "swap", "peft"]
 
 
 def settings(mode: str, args) -> str:
@@ -142,6 +146,8 @@ def settings(mode: str, args) -> str:
     common = f"{dtype}, greedy, {torch.get_num_threads()} torch thread(s)"
     if mode in ("static", "dynamic"):
         return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, {mode} KV cache, {common}]"
+    if mode == "packed":
+        return f"peftkit serve [continuous batching, max {args.max_batch_size} rows, static KV cache, oneDNN-prepacked base weights, {common}]"
     if mode == "swap":
         return f"swap [peftkit set_adapter + transformers generate, one request at a time, {common}]"
     import peft
@@ -238,24 +244,27 @@ def run(mode: str, model_dir: Path, adapters: dict[str, Path], jobs: list[dict],
     app = create_app(engine, tokenizer, model_name="base")
     with Server(app) as server:
         asyncio.run(drive(server.url, jobs[: min(len(jobs), 2)], 1))  # warm-up (not timed)
+        clock = time.pthread_getcpuclockid(engine._thread.ident)
+        cpu_start = time.clock_gettime(clock)
         seconds, latencies, texts = asyncio.run(drive(server.url, jobs, concurrency))
+        cpu = time.clock_gettime(clock) - cpu_start
     tokens = engine.stats()["tokens"]
-    return seconds, latencies, texts, engine.stats(), tokens
+    return seconds, latencies, texts, engine.stats(), tokens, cpu
 
 
 def decode_steps(model_dir: Path, adapters: dict[str, Path], prompts: list[str], max_tokens: int, repeats: int,
-                 device: str | None, dtype: str) -> dict[str, list[float]]:
+                 device: str | None, dtype: str, kinds: list[str]) -> dict[str, list[float]]:
     """Seconds of each decoding step of ``len(prompts)`` requests (one adapter each, admitted together) in an
-    engine driven by hand, for the static and the dynamic cache in turn, ``repeats`` rounds."""
+    engine driven by hand, for each of ``kinds`` (static, dynamic, packed) in turn, ``repeats`` rounds."""
     engines = {}
-    for kind in ("static", "dynamic"):
+    for kind in kinds:
         model, tokenizer = load_base(str(model_dir), device, dtype)
-        engines[kind] = Engine(model, tokenizer, max_batch_size=len(prompts), kv_cache=kind)
+        engines[kind] = Engine(model, tokenizer, max_batch_size=len(prompts), **MODES[kind][1])
         for name, path in adapters.items():
             engines[kind].load_adapter(name, str(path)).result()
     names = list(adapters)
     ids = [tokenizer(p).input_ids for p in prompts]
-    times: dict[str, list[float]] = {kind: [] for kind in engines}
+    times: dict[str, list[float]] = {k: [] for kind in engines for k in (kind, f"{kind}_cpu")}
     tokens: dict[str, list] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
         for kind, engine in engines.items():
@@ -265,12 +274,13 @@ def decode_steps(model_dir: Path, adapters: dict[str, Path], prompts: list[str],
             with torch.inference_mode():
                 engine._step()  # prefill + the first step
                 while engine._rows:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.thread_time()
                     engine._step()
                     if round_:
                         times[kind].append(time.perf_counter() - start)
+                        times[f"{kind}_cpu"].append(time.thread_time() - cpu_start)
             tokens[kind] = [r.generated for r in requests]
-    times["same_tokens"] = tokens["static"] == tokens["dynamic"]
+    times["same_tokens"] = {kind: tokens[kind] == tokens["dynamic"] for kind in kinds}
     return times
 
 
@@ -290,7 +300,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES),
+                        help="the first is the one the others are compared with (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every mode per setting (median requests/s)")
     parser.add_argument("--step-rows", type=int, default=8, help="rows of the decoding-step timing (0: skip it)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -311,9 +322,10 @@ def main() -> None:
         if args.step_rows:
             step_adapters = dict(list(all_adapters.items())[: args.step_rows])
             load = load_average()
-            times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, max(args.repeats, 2),
-                                 args.device, args.dtype)
-            step = {kind: round(1000 * statistics.median(times[kind]), 2) for kind in ("static", "dynamic")}
+            kinds = ["static", "dynamic"] + (["packed"] if "packed" in args.modes else [])
+            times = decode_steps(model_dir, step_adapters, prompts[: args.step_rows], args.max_tokens, args.repeats,
+                                 args.device, args.dtype, kinds)
+            step = {k: round(1000 * statistics.median(times[k]), 2) for kind in kinds for k in (kind, f"{kind}_cpu")}
             step.update(rows=args.step_rows, steps_timed=len(times["static"]), same_tokens=times["same_tokens"],
                         load_average=[load, load_average()])
             print(json.dumps({"decode_step_ms": step}), flush=True)
@@ -328,11 +340,13 @@ def main() -> None:
                 for _ in range(args.repeats):
                     for mode in args.modes:  # in turn, so that drift in the machine's speed hits every mode alike
                         load = load_average()
-                        seconds, latencies, texts[mode], stats, tokens = run(
+                        seconds, latencies, texts[mode], stats, tokens, cpu = run(
                             mode, model_dir, adapters, jobs, concurrency, args.max_batch_size, args.device, args.dtype)
                         entry = {
                             "mode": mode, "adapters": n_adapters, "concurrency": concurrency, "requests": len(jobs),
                             "seconds": round(seconds, 3), "requests_per_s": round(len(jobs) / seconds, 3),
+                            # the engine thread's CPU time: what the machine would take alone, whatever else runs
+                            "engine_cpu_s": round(cpu, 3), "requests_per_engine_cpu_s": round(len(jobs) / cpu, 3),
                             "tokens_per_s": round(tokens / seconds, 1),
                             "p50_latency_s": round(percentile(latencies, 50), 4), "p99_latency_s": round(percentile(latencies, 99), 4),
                             "max_rows_in_a_step": stats["max_rows"], "load_average": load,
@@ -343,8 +357,9 @@ def main() -> None:
                 first = args.modes[0]
                 same = {mode: sum(a == b for a, b in zip(texts[first], texts[mode])) for mode in args.modes}
                 median_of = {mode: statistics.median(e["requests_per_s"] for e in entries[mode]) for mode in args.modes}
+                median_cpu = {mode: statistics.median(e["requests_per_engine_cpu_s"] for e in entries[mode]) for mode in args.modes}
                 loads = [e["load_average"] for mode in args.modes for e in entries[mode]]
-                rows.append((n_adapters, concurrency, median_of, entries, same, len(jobs), (min(loads), max(loads))))
+                rows.append((n_adapters, concurrency, median_of, median_cpu, entries, same, len(jobs), (min(loads), max(loads))))
 
     first = args.modes[0]
     print(f"\nmodel: {args.model or 'tiny random Llama (4 layers, hidden 256)'}; {args.requests} requests x "
@@ -352,23 +367,29 @@ def main() -> None:
     for mode in args.modes:
         print(f"  {mode}: {settings(mode, args)}")
     if step:
-        print(f"decoding step, {step['rows']} rows with one adapter each, median of {step['steps_timed']} steps: "
-              f"static {step['static']:.1f} ms, dynamic {step['dynamic']:.1f} ms -> dynamic / static "
-              f"{step['dynamic'] / step['static']:.2f}x; tokens equal: {step['same_tokens']}; load {step['load_average']}")
-    header = " | ".join(f"{mode + ' req/s':>13} {'p50 s':>7}" for mode in args.modes)
+        print(f"decoding step, {step['rows']} rows with one adapter each, median of {step['steps_timed']} steps "
+              f"(wall ms / CPU ms of the thread; load {step['load_average']}); tokens equal to dynamic's: {step['same_tokens']}")
+        for kind in [k for k in ("static", "packed") if k in step]:
+            print(f"  {kind} {step[kind]:.1f} / {step[kind + '_cpu']:.1f} ms vs dynamic {step['dynamic']:.1f} / "
+                  f"{step['dynamic_cpu']:.1f} ms -> dynamic / {kind}: {step['dynamic'] / step[kind]:.2f}x wall, "
+                  f"{step['dynamic_cpu'] / step[kind + '_cpu']:.2f}x CPU")
+    print("requests/s (wall) and requests per CPU second of the engine thread (what the work costs, whatever else runs)")
+    header = " | ".join(f"{mode + ' req/s':>13} {'/cpu s':>7} {'p50 s':>7}" for mode in args.modes)
     print(f"{'adapters':>8} {'clients':>7} | {header} | load")
     ratios = []
-    for n_adapters, concurrency, median_of, entries, same, total, loads in rows:
-        cells = " | ".join(f"{median_of[m]:>13.2f} {statistics.median(e['p50_latency_s'] for e in entries[m]):>7.3f}"
+    for n_adapters, concurrency, median_of, median_cpu, entries, same, total, loads in rows:
+        cells = " | ".join(f"{median_of[m]:>13.3f} {median_cpu[m]:>7.3f} {statistics.median(e['p50_latency_s'] for e in entries[m]):>7.2f}"
                            for m in args.modes)
         print(f"{n_adapters:>8} {concurrency:>7} | {cells} | {loads[0]:.2f}-{loads[1]:.2f}")
         for mode in args.modes[1:]:
-            ratio = median_of[first] / median_of[mode]
+            ratio, cpu_ratio = median_of[first] / median_of[mode], median_cpu[first] / median_cpu[mode]
             ratios.append({"adapters": n_adapters, "concurrency": concurrency, f"requests_per_s_{first}_over_{mode}": round(ratio, 2),
+                           f"requests_per_engine_cpu_s_{first}_over_{mode}": round(cpu_ratio, 2),
                            "same_text": f"{same[mode]}/{total}", "load_average": list(loads),
                            first: settings(first, args), mode: settings(mode, args)})
-            print(f"{'':>17}{first} / {mode}: {ratio:.2f}x requests/s; texts equal to {first}'s: {same[mode]}/{total}; "
-                  f"load {loads[0]:.2f}-{loads[1]:.2f}")
+            print(f"{'':>17}{first} / {mode}: {ratio:.2f}x requests/s, {cpu_ratio:.2f}x per engine CPU second; texts equal "
+                  f"to {first}'s: {same[mode]}/{total}; load {loads[0]:.2f}-{loads[1]:.2f}; {first} = {settings(first, args)}; "
+                  f"{mode} = {settings(mode, args)}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

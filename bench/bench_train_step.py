@@ -12,6 +12,10 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
   (``peftkit.train.loss.loss_fn``); the same loss value.
 * ``peftkit, fp32 attention backward``, bf16 only: the same with ``peftkit.train.attention`` switched on (on a
   CPU: attention's backward by the fp32 kernel; ``peftkit train`` does not use it yet).
+* ``peftkit, compiled``, bf16 only: the ``peftkit`` step with every decoder block compiled by ``torch.compile``
+  (``peftkit train --compile``, :mod:`peftkit.train.compile`). Its warmup, timed apart, compiles twice as a training
+  run does: for the first batch, then for any length once a batch of a second length (32 tokens shorter) comes
+  (``--no-compile`` leaves it out).
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 
 import peft
 import torch
@@ -54,11 +59,13 @@ from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
 from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
 from peftkit.train.attention import cpu_bf16_training_attention
+from peftkit.train.compile import compile_blocks
 from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
-BF16_ONLY = ("peft_bf16_model", "peftkit_fp32_attention_backward")
+BF16_ONLY = ("peft_bf16_model", "peftkit_fp32_attention_backward", "peftkit_compiled")
+PEFTKIT_STEP = ("peftkit", "full", "peftkit_fp32_attention_backward", "peftkit_compiled")  # as `peftkit train` runs it
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -72,14 +79,16 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
     elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
         model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
-    else:  # peftkit, peftkit_same_step, peftkit_fp32_attention_backward
+    else:  # peftkit, peftkit_same_step, peftkit_fp32_attention_backward, peftkit_compiled
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
-    if bf16 and kind in ("peftkit", "full", "peftkit_fp32_attention_backward"):
+    if bf16 and kind in PEFTKIT_STEP:
         store_frozen_linear_weights_in_bf16(model)
+    if kind == "peftkit_compiled":
+        compile_blocks(model)  # as `peftkit train --compile`: after the weights took their dtype
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    target_only = kind in ("peftkit", "full", "peftkit_fp32_attention_backward")
+    target_only = kind in PEFTKIT_STEP
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -123,6 +132,8 @@ def main() -> None:
                         help="also measure under bf16 autocast (default: where bf16 is fast)")
     parser.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True, help="also measure in fp32")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the step with compiled decoder blocks (bf16; compiling takes minutes on a busy CPU)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", choices=(*CANDIDATES, *BF16_ONLY, "full"), help=argparse.SUPPRESS)
@@ -141,10 +152,18 @@ def main() -> None:
     precisions = ["fp32"] * args.fp32 + ["bf16"] * bf16
     if not precisions:
         parser.error("--no-fp32 leaves nothing to measure where bf16 is off (--bf16 to force it)")
-    kinds = {p: CANDIDATES + (BF16_ONLY if p == "bf16" else ()) for p in precisions}
+    bf16_only = tuple(k for k in BF16_ONLY if args.compile or k != "peftkit_compiled")
+    kinds = {p: CANDIDATES + (bf16_only if p == "bf16" else ()) for p in precisions}
     built = {f"{k}/{p}": build(k, load, device, p == "bf16") for p in precisions for k in kinds[p]}
     steps = {key: step for key, (_, step) in built.items()}
-    first_loss = {key: steps[key](batch, key.endswith("bf16")) for key in steps}  # also the warmup
+    shorter = {k: v[:, : args.tokens - 32] for k, v in batch.items()}
+    first_loss, first_s = {}, {}
+    for key in steps:  # also the warmup; the compiled candidate compiles here
+        started = time.perf_counter()
+        first_loss[key] = steps[key](batch, key.endswith("bf16"))
+        if key.startswith("peftkit_compiled"):  # a second length, as in training: compiles the graph for any length
+            steps[key](shorter, True)
+        first_s[key] = time.perf_counter() - started
     peak_before = peak_matmul_rate(device) if bf16 else None
     times = interleaved(
         {key: (lambda key=key: steps[key](batch, key.endswith("bf16"))) for key in steps},
@@ -169,6 +188,13 @@ def main() -> None:
                               None, f"{ours:.3f} s vs {med['peftkit/bf16']:.3f} s: what peftkit.train.attention gives "
                               f"(PyTorch's CPU flash-attention backward in fp32 instead of bf16); first-step losses "
                               f"{first_loss['peftkit_fp32_attention_backward/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}"))
+            if "peftkit_compiled/bf16" in med:
+                ours = med["peftkit_compiled/bf16"]
+                rows.append(check("train step bf16, peftkit with compiled decoder blocks / peftkit", ours / med["peftkit/bf16"],
+                                  "<= 1.00", f"{ours:.3f} s vs {med['peftkit/bf16']:.3f} s (medians of {args.repeats}, interleaved); "
+                                  f"warmup (compiles twice, 2 steps) {first_s['peftkit_compiled/bf16']:.1f} s vs first eager step "
+                                  f"{first_s['peftkit/bf16']:.1f} s; first-step losses {first_loss['peftkit_compiled/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}; "
+                                  f"load {load_start} at start, {load_average()} now"))
             ref = med["peft_bf16_model/bf16"]
             rows.append(check("train step bf16, peftkit / peft on a bf16-loaded model", med["peftkit/bf16"] / ref, "<= 1.00",
                               f"{med['peftkit/bf16']:.3f} s vs {ref:.3f} s; peftkit [fp32 model, frozen linear weights in "
@@ -197,11 +223,16 @@ def main() -> None:
                           f"{flops['matmul'] / 1e9:.0f}, attention {flops['attention'] / 1e9:.0f}; from the config: "
                           f"{analytic['total'] / 1e9:.0f}) at {peak / 1e12:.3f} TFLOP/s (best bf16 matmul, {shape}, "
                           f"{threads} thread(s), measured in this run)"))
+        if "peftkit_compiled/bf16" in times:
+            best_compiled = min(times["peftkit_compiled/bf16"])
+            roofline["best_compiled_step_s"] = best_compiled
+            rows.append(check("train step bf16, peftkit compiled / hardware limit", best_compiled / limit, "<= 2.00",
+                              f"best step {best_compiled:.3f} s (median {med['peftkit_compiled/bf16']:.3f} s) vs {limit:.3f} s"))
     memory = {}
     if args.memory:
         for p in precisions:
             for kind in kinds[p]:
-                if kind in ("peftkit_same_step", "peftkit_fp32_attention_backward"):
+                if kind in ("peftkit_same_step", "peftkit_fp32_attention_backward", "peftkit_compiled"):
                     continue
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []
@@ -214,7 +245,7 @@ def main() -> None:
                                   memory["peftkit/bf16"] / memory["peft_bf16_model/bf16"], None,
                                   f"{memory['peftkit/bf16']:.0f} MiB vs {memory['peft_bf16_model/bf16']:.0f} MiB"))
     print_rows(f"training step: SmolLM2-135M, LoRA r=8 q/v, batch {args.rows} x {args.tokens} tokens ({targets} targets), {device}", rows)
-    save("train_step", {"rows": rows, "median_s": med, "times_s": times, "first_loss": first_loss, "peak_memory_mib": memory,
+    save("train_step", {"rows": rows, "median_s": med, "times_s": times, "first_loss": first_loss, "first_step_s": first_s, "peak_memory_mib": memory,
                         "roofline": roofline, "settings": {**vars(args), "targets": targets, "bf16": bf16},
                         "load_average_at_start": load_start})
 

@@ -1,5 +1,6 @@
-"""The serving engine's static (preallocated, slot) KV cache against the dynamic one it replaces: the same
-greedy token ids, step by step, for mixed-adapter batches whose rows join, leave and refill slots."""
+"""The serving engine's static (preallocated, slot) KV cache, and its prepacked base weights, against the
+dynamic cache over plain weights: the same greedy token ids, step by step, for mixed-adapter batches whose
+rows join, leave and refill slots."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("kv"))
 
 
-def engine_for(model_dir, adapters, kv_cache: str, max_batch_size: int) -> Engine:
+def engine_for(model_dir, adapters, kv_cache: str, max_batch_size: int, prepack_weights: bool = False) -> Engine:
     model, tokenizer = load_base(str(model_dir), "cpu", "float32")
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_cache=kv_cache)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_cache=kv_cache, prepack_weights=prepack_weights)
     for name, path in adapters.items():
         engine.load_adapter(name, str(path)).result()
     return engine
@@ -63,13 +64,15 @@ def test_static_cache_gives_the_dynamic_caches_tokens_as_rows_join_leave_and_ref
     waves = {0: jobs[:3], 2: jobs[3:8], 9: jobs[8:]}
     abort = {5: 4}
     results = {}
-    for kind in ("dynamic", "static"):
-        engine = engine_for(path, adapters, kind, max_batch_size=4)
+    for kind in ("dynamic", "static", "static+prepacked"):
+        engine = engine_for(path, adapters, kind.split("+")[0], max_batch_size=4, prepack_weights="prepacked" in kind)
+        assert engine.prepacked_layers == (15 if "prepacked" in kind else 0)  # 2 x 7 projections + the output head
         results[kind] = run_schedule(engine, waves, abort)
         assert engine.counters["joins"] >= 2 and engine.counters["max_adapters_in_step"] >= 3
     (dynamic, dynamic_rows), (static, static_rows) = results["dynamic"], results["static"]
     assert static == dynamic
     assert static_rows == dynamic_rows and max(static_rows) == 4
+    assert results["static+prepacked"] == results["static"]  # the base's linear layers packed, adapters separate
     assert dynamic[4][1] == "abort" and all(reason in ("stop", "length") for i, (_, reason) in enumerate(dynamic) if i != 4)
     assert len({len(ids) for ids, _ in dynamic}) >= 5  # rows finished at many different steps
 
@@ -110,5 +113,6 @@ def test_models_with_sliding_window_layers_keep_the_dynamic_cache(model_dir):
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(ValueError, match="sliding_attention.*kv_cache='dynamic'"):
         Engine(model, tokenizer, kv_cache="static")
-    with pytest.raises(ValueError, match="kv_cache must be one of"):
+    assert Engine(model, tokenizer).kv_cache == "dynamic"  # the default, auto, falls back
+    with pytest.raises(ValueError, match="kv_cache must be auto, static or dynamic"):
         Engine(model, tokenizer, kv_cache="paged")

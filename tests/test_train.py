@@ -201,6 +201,44 @@ def _no_dropout():
     return {"lora_dropout": 0.0}
 
 
+def test_compiled_blocks_train_to_the_same_adapter(work, monkeypatch):
+    """``--compile``: the loop compiles the decoder blocks (traced by TorchDynamo; Inductor's own kernels are
+    checked against eager in test_fast_paths.py, here its compile time is spared) and gets the same losses,
+    held-out losses and adapter as the eager loop, with batches of several lengths; the held-out loss runs eager."""
+    from functools import partial
+
+    from torch._dynamo.utils import counters
+
+    from peftkit.train.compile import compile_blocks
+
+    monkeypatch.setattr(loop_module, "compile_blocks", partial(compile_blocks, backend="eager"))
+    runs, logs = {}, {}
+    for compiled in (False, True):
+        out = work["root"] / f"compile-{compiled}"
+        torch._dynamo.reset()
+        counters.clear()
+        train(config(work, out, max_steps=3, batch_size=4, lr=1e-2, compile=compiled, eval_data=work["eval"], eval_limit=4,
+                     method_options=_no_dropout()))
+        runs[compiled], logs[compiled] = adapter(out), log_lines(out)
+        assert bool(counters["stats"]["unique_graphs"]) == compiled and not counters["graph_break"], dict(counters)
+    assert json.loads((work["root"] / "compile-True" / "run.json").read_text())["config"]["compile"] is True
+    for plain, fast in zip(logs[False], logs[True]):
+        for key in ("loss", "eval_loss"):
+            if key in plain:
+                assert fast[key] == pytest.approx(plain[key], rel=1e-5), (key, plain["step"])
+    for name in runs[False]:
+        assert torch.allclose(runs[True][name], runs[False][name], atol=1e-5), name
+
+
+def test_compile_refuses_what_it_was_not_built_for(work):
+    with pytest.raises(ValueError, match="compile=True works with sharding=none and quantize=none"):
+        config(work, "x", compile=True, quantize="nf4")
+    with pytest.raises(ValueError, match="compile=True works with sharding=none"):
+        config(work, "x", compile=True, sharding="fsdp")
+    with pytest.raises(ValueError, match="task 'classify' does not support compile=True"):
+        train(config(work, work["root"] / "classify-compiled", task="classify", compile=True))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(work):
     out = work["root"] / "uninterrupted"
@@ -402,7 +440,8 @@ def test_train_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ("--r", "--lora-alpha", "--lora-dropout", "--rank", "--alpha", "--dropout", "--target-modules", "--num-virtual-tokens", "--init-text", "--bottleneck-size",
                  "--placement", "--patterns", "--layers", "--epochs", "--max-steps", "--batch-size", "--grad-accum", "--lr",
-                 "--warmup", "--eval-data", "--eval-every", "--save-every", "--seed", "--config", "--set", "--resume", "--precision"):
+                 "--warmup", "--eval-data", "--eval-every", "--save-every", "--seed", "--config", "--set", "--resume", "--precision",
+                 "--compile", "--no-compile"):
         assert flag in text, flag
     assert "(default: 'smollm2-135m-instruct')" in text
     # --lr defaults to each method's own learning rate, which the method list shows.

@@ -57,7 +57,8 @@ def build(config: ServeConfig) -> tuple[FastAPI, Engine]:
     """Load the base model and the start-up adapters; return the app and its (not yet started) engine."""
     model, tokenizer = load_base(config.model, config.device, config.dtype)
     engine = Engine(model, tokenizer, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                    max_model_len=config.max_model_len, kv_cache=config.kv_cache)
+                    max_model_len=config.max_model_len, kv_cache=config.kv_cache,
+                    prepack_weights=config.prepack_weights)
     for name, path in config.adapters.items():
         if name == config.model_name:
             raise ValueError(f"Adapter name {name!r} is the base model's name; pick another.")

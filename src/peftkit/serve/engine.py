@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from ..tuner import BASE
 from . import batch
 from .adapters import attach
 from .kv_cache import KV_CACHES, KvCache, running_cache, static_refusal
+from .prepack import prepack_linear_weights
 from .text import TextStream
 
 
@@ -127,8 +128,12 @@ class Engine:
             wait while new ones join. A longer single prompt is still admitted on its own.
         kv_cache: ``"static"``: the running rows' keys and values live in preallocated slots written in
             place (no copy of the whole cache per step, join or leave); ``"dynamic"``: transformers'
-            ``DynamicCache``, grown by concatenation. Same tokens either way; a model the static cache
-            cannot serve (sliding-window layers) is refused with the reason.
+            ``DynamicCache``, grown by concatenation; ``"auto"``: static where the model allows it (not
+            with sliding-window layers), else dynamic. Same tokens either way; ``"static"`` for a model
+            it cannot serve is refused with the reason.
+        prepack_weights: The base model's frozen linear layers compute with oneDNN-prepacked copies of their
+            weights (CPU only; :mod:`peftkit.serve.prepack`): faster steps for the linear layers' memory once
+            more. Adapters stay separate per row.
     """
 
     def __init__(
@@ -140,7 +145,8 @@ class Engine:
         max_queue: int = 256,
         max_model_len: int | None = None,
         max_prefill_tokens: int = 4096,
-        kv_cache: KvCache = "dynamic",
+        kv_cache: KvCache | Literal["auto"] = "auto",
+        prepack_weights: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}.")
@@ -153,11 +159,18 @@ class Engine:
         config = base.config
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"peftkit serve runs decoder-only causal LMs; {type(base).__name__} is an encoder-decoder.")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}.")
+        if kv_cache not in (*KV_CACHES, "auto"):
+            raise ValueError(f"kv_cache must be auto, {' or '.join(KV_CACHES)}, got {kv_cache!r}.")
+        if kv_cache == "auto":
+            kv_cache = "dynamic" if static_refusal(config) else "static"
         if kv_cache == "static" and (reason := static_refusal(config)):
             raise ValueError(f"kv_cache='static' cannot serve {type(base).__name__}: {reason}; use kv_cache='dynamic'.")
         self.kv_cache = kv_cache
+        if prepack_weights:
+            if self.model.peft_config:  # their layers would be packed as if they were the base's
+                raise ValueError("prepack_weights packs the base model before adapters are attached; pass the bare base "
+                                 "model and load the adapters into the engine.")
+        self.prepacked_layers = prepack_linear_weights(base, rows=max_batch_size) if prepack_weights else 0
         self.device = next(base.parameters()).device
         limit = getattr(config, "max_position_embeddings", None)
         self.max_model_len = int(max_model_len or limit or 2048)

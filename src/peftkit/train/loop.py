@@ -43,6 +43,7 @@ from ..options import setting_changes
 from ..quantize import prepare_model_for_kbit_training
 from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
+from .compile import compile_blocks, eager
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import loss_fn
 from .sharding import gather_for_saving, parameter_bytes, resolve_sharding, shard_model, whole
@@ -128,6 +129,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ddp_model = model if sharded else accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
     if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
+    if cfg.compile:  # after the weights took their final dtype: the compiled code is specialised to it
+        say(f"peftkit train: {compile_blocks(model)} transformer blocks compile at the first step (torch.compile, regional)")
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
     # moved between layers from the gradients after each optimizer step) provides these two hooks.
     steering = model.tuner() if hasattr(model.tuner(), "update_and_allocate") else None
@@ -138,8 +141,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers(RUN_NAME, config=tracker_config(dataclasses.asdict(cfg)))
     log = _TrainLog(output / "train_log.jsonl", enabled=main, keep_up_to=done_steps, tracker=accelerator if tracker else None)
     elapsed = lambda: elapsed_before + time.perf_counter() - started  # noqa: E731  (wall time, over resumes)
-    evaluate = partial(evaluate_loss, model, eval_set, cfg.batch_size, pad_id, cfg.target_only_logits, device, use_bf16, accelerator,
-                       lockstep=sharded)
+    held_out_loss = partial(evaluate_loss, model, eval_set, cfg.batch_size, pad_id, cfg.target_only_logits, device, use_bf16,
+                            accelerator, lockstep=sharded)
+
+    def evaluate() -> float:  # compiled blocks run eager here: an inference graph would be a second compile
+        with eager() if cfg.compile else nullcontext():
+            return held_out_loss()
 
     # --- the loop --------------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=done_steps, disable=not main, desc="train", unit="step", dynamic_ncols=True)

@@ -46,6 +46,10 @@ def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], target_only: bool 
     """
     labels = batch["labels"]
     lm = transformers_model(model)
+    if takes_use_cache(type(lm)):
+        # No key/value cache: nothing decodes after this forward (a prefix's own cache still goes in), and building
+        # one would make compiled blocks recompile for every layer (each writes its keys at its own index).
+        batch = {**batch, "use_cache": False}
     if target_only and keeps_logits_by_mask(type(lm)) and not lm.config.is_encoder_decoder:
         next_labels = labels[:, 1:]  # position t predicts token t + 1
         keep = F.pad(next_labels != IGNORE_INDEX, (0, 1), value=False)  # (B, T); the last position predicts nothing
@@ -63,6 +67,11 @@ def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel and/or a multi-process wrapper (or the model itself)."""
     inner = extract_model_from_parallel(model)
     return inner.get_base_model() if isinstance(inner, PeftModel) else inner
+
+
+@functools.cache
+def takes_use_cache(model_class: type) -> bool:
+    return "use_cache" in inspect.signature(model_class.forward).parameters
 
 
 @functools.cache
