@@ -52,18 +52,14 @@ class TrainConfig:
             NormalFloat with double quantization and bf16 matmuls, as in the QLoRA paper; about a quarter of bf16's
             bytes), ``fp4`` (4-bit float), ``int8`` (LLM.int8(), about half), or ``none``. Adapter methods only (the
             base stays frozen); the adapter is an ordinary PEFT adapter. Needs ``pip install 'peftkit[quantize]'``.
-<<<<<<< HEAD
         gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower. ``None``
             (the default): on with a quantized base (``quantize`` not ``none``), as the QLoRA paper trains and as
             ``peft``'s ``prepare_model_for_kbit_training`` does (a 4-bit base saves little when the activations
             dominate peak memory), off otherwise.
-=======
-        gradient_checkpointing: Recompute activations in the backward pass: less memory, ~30% slower.
         compile: Compile each transformer block with torch.compile (Inductor) for training: generated kernels fuse
             the work between the matmuls. Costs compile time at the first step, and once more when the batch length
             first changes; pays on runs long enough to win that back. Evaluation stays eager. Needs a C++ compiler on
             a CPU; not with sharding=fsdp or quantize.
->>>>>>> main
         sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
             of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
             process (DDP) does not fit. Needs several processes (torchrun or accelerate launch); an Accelerate
@@ -108,12 +104,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
-<<<<<<< HEAD
     gradient_checkpointing: bool | None = None
-=======
-    gradient_checkpointing: bool = False
     compile: bool = False
->>>>>>> main
     sharding: Literal["none", "fsdp"] = "none"
     target_only_logits: bool = True
     group_by_length: bool = True
