@@ -306,6 +306,8 @@ register(
     AdaLoraConfig,
     AdaLoraTuner,
     # target_r 8 from init_r 12 with lora_alpha 16: the settings peftkit's adalora method has always trained with.
+    # lr 1e-2: its update B diag(E) A starts from E = 0 with small A and B, so it moves slowly; on the demo data (24
+    # steps of 4, every linear layer) it scored ROUGE-L 22.40 at LoRA's 1e-3 (zero-shot: 21.85) and 34.22 at 1e-2.
     Preset("adalora", "AdaLoRA: LoRA in SVD form whose rank moves to the layers that need it (target_r = the average "
-           "it ends at)", default_lr=1e-3, defaults={"target_r": 8, "init_r": 12, "lora_alpha": 16}),
+           "it ends at)", default_lr=1e-2, defaults={"target_r": 8, "init_r": 12, "lora_alpha": 16}),
 )
