@@ -147,7 +147,7 @@ class ExperimentConfig:
     def eval_config(self, output: str, model: str | None = None, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=model or self.model, adapter=adapter, data=self.eval_data, output=output,
                           limit=self.eval_limit, format=self.training.format, generation=self.generation(),
-                          scoring=dataclasses.replace(self.scoring), cpu=self.training.cpu, task=self.training.task)
+                          scoring=dataclasses.replace(self.scoring), cpu=self.training.cpu)
 
     def _entry(self, name: str, method: str, options: dict[str, Any] | None = None, lr: float | None = None) -> Entry:
         """An entry for ``method``: the shared options it takes, and ``lr`` or the shared or method's default."""
