@@ -238,6 +238,36 @@ def test_bf16_frozen_weights_keep_tied_embeddings_fp32():
     assert all(torch.equal(got_grads[n], want_grads[n]) for n in want_grads)
 
 
+def _mapped(path) -> bool:
+    return any(str(path) in line for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_bf16_weights_release_the_mapped_checkpoint(tmp_path):
+    """transformers maps a safetensors checkpoint into memory; once the linear weights are cast to bf16, the
+    tensors still pointing into the file (embeddings, norms) are copied out, so the fp32 file's pages no longer
+    count in the process's memory. The model computes what it computed before."""
+    torch.manual_seed(0)
+    build("llama").save_pretrained(tmp_path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # as peftkit's load_model
+    checkpoint = tmp_path / "model.safetensors"
+    # the premise: the loaded tensors point into the mapped file (if transformers stops mapping, this says so)
+    assert _mapped(checkpoint)
+    assert not all(p.untyped_storage().resizable() for p in base.parameters())
+    model = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False)).train()
+    batch = inputs("llama")
+    want_loss, want_grads = _bf16_step(model, batch)
+    store_frozen_linear_weights_in_bf16(model)
+    import gc
+
+    gc.collect()
+    assert all(t.untyped_storage().resizable() for t in (*model.parameters(), *model.buffers()))
+    assert not _mapped(checkpoint)
+    got_loss, got_grads = _bf16_step(model, batch)
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(got_grads[n], want_grads[n]) for n in want_grads)
+
+
 # --- training attention on a CPU in bf16: flash forward in bf16, backward in fp32 (peftkit.train.attention) ---
 
 
