@@ -13,7 +13,12 @@
   tokens, which changes how many examples each optimizer step sees, so the runs would no longer take the same
   steps on the same rows (``--worker trl``).
 
-All three see the same rows (the first ``--examples`` of DialogSum dev), the same token ids (peftkit's prompt
+Optional (``--peers trainer-compile``, ``--ours peftkit,peftkit-compile``): ``Trainer`` + ``peft`` with
+``torch_compile=True`` (the whole model compiled by Inductor), and ``peftkit train --compile`` (each transformer
+block compiled, :mod:`peftkit.train.compile`). Each compiled pipeline starts from an empty Inductor cache of its
+own, so its training time includes all of its compiling, as on a first run.
+
+All of them see the same rows (the first ``--examples`` of DialogSum dev), the same token ids (peftkit's prompt
 format: chat template, prompt masked out of the labels), the same LoRA (r=8, alpha 16, no dropout, q/v) and
 the same optimisation (AdamW, lr 2e-4, batch 4, cosine schedule with 5% warmup, clipping at 1.0, one epoch),
 and each saves an adapter in the Hugging Face PEFT format. Measured: wall time of the whole command (model
@@ -23,7 +28,7 @@ rows of DialogSum test, reference ``summary1``), computed by this script the sam
 cross-entropy). Each ratio is printed with the settings each side actually ran (read back from the trainer
 after training, not assumed). With ``--repeats`` > 1 the pipelines alternate and medians are reported.
 
-    .venv/bin/python bench/bench_finetune.py [--examples 128] [--repeats 1] [--peers trainer,trl]
+    .venv/bin/python bench/bench_finetune.py [--examples 128] [--repeats 1] [--peers trainer,trl] [--ours peftkit]
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ import torch
 from common import check, data_name, dialogsum, load_average, load_base, median, print_rows, save, set_threads
 
 LR, BATCH, RANK, ALPHA, WARMUP = 2e-4, 4, 8, 16, 0.05
-PEERS = {"trainer": "Trainer+peft", "trl": "TRL SFTTrainer"}
+PEERS = {"trainer": "Trainer+peft", "trl": "TRL SFTTrainer", "trainer-compile": "Trainer+peft compiled"}
+OURS = {"peftkit": "peftkit train", "peftkit-compile": "peftkit train --compile"}
 
 
 def encoded_rows(tokenizer, split: str, limit: int, target_field: str = "summary"):
@@ -79,10 +85,10 @@ def peer_worker(kind: str, output: str, examples: int, seed: int, model_name: st
         save_strategy="no", report_to=[], seed=seed, use_cpu=cpu, bf16=bf16, fp16=False, dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    if kind == "trainer":
+    if kind in ("trainer", "trainer-compile"):
         model = peft.get_peft_model(load(), lora)
         dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in items]
-        args = TrainingArguments(**common, train_sampling_strategy="group_by_length")
+        args = TrainingArguments(**common, train_sampling_strategy="group_by_length", torch_compile=kind == "trainer-compile")
         collator = DataCollatorForSeq2Seq(tokenizer, model=model, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         batches = "dynamic padding (DataCollatorForSeq2Seq)"
@@ -102,19 +108,29 @@ def peer_worker(kind: str, output: str, examples: int, seed: int, model_name: st
                 "batches": batches}
     if kind == "trl":
         settings["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.torch_compile:
+        settings["compile"] = f"torch_compile (whole model, {args.torch_compile_backend or 'inductor'}, cold cache)"
     tokens = sum(len(e.input_ids) for e in items)
     print(json.dumps({"train_time_s": result.metrics["train_runtime"], "tokens": tokens, "steps": trainer.state.global_step,
                       "final_loss": result.metrics.get("train_loss"), "inner_wall_s": time.perf_counter() - started,
                       "settings": settings}))
 
 
-def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
+def cold_compile_cache() -> dict:
+    """Environment for a pipeline that compiles: a fresh, empty Inductor cache, so that no run reuses code
+    compiled by an earlier one (each compiled pipeline pays its whole compile time, as on a first run)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-")}
+
+
+def run_peftkit(output: str, examples: int, seed: int, model_name: str, compile_: bool = False) -> dict:
     cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
            "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
-           "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10"]
+           "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10",
+           *(["--compile"] if compile_ else [])]
     started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", **(cold_compile_cache() if compile_ else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(f"peftkit train failed:\n{out.stderr[-3000:]}")
@@ -124,6 +140,8 @@ def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
     settings = {"precision": "bf16 autocast" if run["precision"] == "bf16" else "fp32",
                 "sampling": "group_by_length" if config.get("group_by_length", True) else "random",
                 "batches": "packed (padding-free)" if config.get("packing") else "dynamic padding"}
+    if config.get("compile"):
+        settings["compile"] = "regional torch.compile (inductor, cold cache)"
     return {"wall_s": wall, "train_time_s": run["train_time_s"], "steps": run["steps"], "device": run.get("device"),
             "final_loss": run["final_loss"], "settings": settings,
             "own_tokens_count": round(run["train_tokens_per_s"] * run["train_time_s"]),
@@ -134,7 +152,8 @@ def run_peftkit(output: str, examples: int, seed: int, model_name: str) -> dict:
 def run_peer(kind: str, output: str, examples: int, seed: int, model_name: str) -> dict:
     started = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--worker-output", output, "--examples", str(examples),
-                          "--seed", str(seed), "--model", model_name], capture_output=True, text=True, check=False)
+                          "--seed", str(seed), "--model", model_name], capture_output=True, text=True, check=False,
+                         env={**os.environ, **(cold_compile_cache() if kind.endswith("-compile") else {})})
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(f"{PEERS[kind]} pipeline failed:\n{out.stderr[-3000:]}")
@@ -166,7 +185,10 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=32, help="held-out rows for the loss")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each pipeline, alternating")
     parser.add_argument("--peers", default=None,
-                        help=f"comma-separated subset of {','.join(PEERS)} (default: both; trl where trl and datasets are installed)")
+                        help=f"comma-separated subset of {','.join(PEERS)} (default: trainer,trl; trl where trl and datasets "
+                             "are installed; trainer-compile: Trainer's torch_compile=True, which compiles the whole model)")
+    parser.add_argument("--ours", default="peftkit",
+                        help=f"comma-separated subset of {','.join(OURS)}: peftkit's pipelines (default: peftkit)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every pipeline (default: one per core)")
@@ -187,16 +209,19 @@ def main() -> None:
     unknown = sorted(set(peers) - set(PEERS))
     if unknown or not peers:
         parser.error(f"--peers takes a comma-separated subset of {','.join(PEERS)}, got {args.peers!r}")
+    ours_names = [p for p in args.ours.split(",") if p]
+    if not ours_names or set(ours_names) - set(OURS):
+        parser.error(f"--ours takes a comma-separated subset of {','.join(OURS)}, got {args.ours!r}")
     load_start = load_average()
     _, tokenizer, _ = load_base(args.model)
     tokens = sum(len(e.input_ids) for e in encoded_rows(tokenizer, "dev", args.examples))  # the same rows for all
-    runs: dict[str, list[dict]] = {name: [] for name in (*peers, "peftkit")}
+    runs: dict[str, list[dict]] = {name: [] for name in (*peers, *ours_names)}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for name in runs:
                 out = f"{tmp}/{name}{i}"
-                if name == "peftkit":
-                    result = run_peftkit(out, args.examples, args.seed, args.model)
+                if name in OURS:
+                    result = run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
                 else:
                     result = run_peer(name, out, args.examples, args.seed, args.model)
                 result["heldout_loss"] = heldout_loss(out, args.heldout, args.model)
@@ -214,19 +239,20 @@ def main() -> None:
         load, _, _ = load_base(args.model)
         peft.get_peft_model(load(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp)
         base_loss = heldout_loss(tmp, args.heldout, args.model)
-    ours = med["peftkit"]
     rows = []
-    for peer in peers:
-        ref, label = med[peer], PEERS[peer]
-        vs = f"peftkit [{settings['peftkit']}] vs {label} [{settings[peer]}]"
-        rows += [
-            check(f"end-to-end fine-tune wall time, peftkit train / {label}", ours["wall_s"] / ref["wall_s"], None,
-                  f"{ours['wall_s']:.1f} s vs {ref['wall_s']:.1f} s; {vs}"),
-            check(f"fine-tune training tokens/s, peftkit / {label}", ours["tokens_per_s"] / ref["tokens_per_s"], ">= 1.50",
-                  f"{ours['tokens_per_s']:.0f} vs {ref['tokens_per_s']:.0f} tokens/s; {vs}"),
-            check(f"held-out loss, peftkit - {label} (not worse: <= 0)", ours["heldout_loss"] - ref["heldout_loss"], "<= 0.00",
-                  f"{ours['heldout_loss']:.4f} vs {ref['heldout_loss']:.4f} (untrained: {base_loss:.4f}; {args.heldout} test rows)"),
-        ]
+    for name in ours_names:
+        ours, mine = med[name], OURS[name]
+        for peer in peers:
+            ref, label = med[peer], PEERS[peer]
+            vs = f"{mine} [{settings[name]}] vs {label} [{settings[peer]}]"
+            rows += [
+                check(f"end-to-end fine-tune wall time, {mine} / {label}", ours["wall_s"] / ref["wall_s"], None,
+                      f"{ours['wall_s']:.1f} s vs {ref['wall_s']:.1f} s; {vs}"),
+                check(f"fine-tune training tokens/s, {mine} / {label}", ours["tokens_per_s"] / ref["tokens_per_s"], ">= 1.50",
+                      f"{ours['tokens_per_s']:.0f} vs {ref['tokens_per_s']:.0f} tokens/s; {vs}"),
+                check(f"held-out loss, {mine} - {label} (not worse: <= 0)", ours["heldout_loss"] - ref["heldout_loss"], "<= 0.00",
+                      f"{ours['heldout_loss']:.4f} vs {ref['heldout_loss']:.4f} (untrained: {base_loss:.4f}; {args.heldout} test rows)"),
+            ]
     print_rows(f"end-to-end fine-tune: SmolLM2-135M, LoRA r=8 q/v, {args.examples} {data_name()} rows, batch {BATCH}, "
                f"{tokens} tokens", rows)
     save("finetune", {"rows": rows, "median": med, "runs": runs, "peer_settings": settings, "untrained_heldout_loss": base_loss,

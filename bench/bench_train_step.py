@@ -10,8 +10,6 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
   (``peftkit.train.loss.loss_fn``); the same loss value.
-* ``peftkit, fp32 attention backward``, bf16 only: the same with ``peftkit.train.attention`` switched on (on a
-  CPU: attention's backward by the fp32 kernel; ``peftkit train`` does not use it yet).
 * ``peftkit, compiled``, bf16 only: the ``peftkit`` step with every decoder block compiled by ``torch.compile``
   (``peftkit train --compile``, :mod:`peftkit.train.compile`). Its warmup, timed apart, compiles twice as a training
   run does: for the first batch, then for any length once a batch of a second length (32 tokens shorter) comes
@@ -57,15 +55,14 @@ from roofline import analytic_step_flops, peak_matmul_rate, step_flops
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.methods.full import FullConfig
-from peftkit.precision import bf16_support, store_frozen_linear_weights_in_bf16
-from peftkit.train.attention import cpu_bf16_training_attention
+from peftkit.precision import bf16_support, norm_outputs_in_autocast_dtype, store_frozen_linear_weights_in_bf16
 from peftkit.train.compile import compile_blocks
 from peftkit.train.loss import loss_fn
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
-BF16_ONLY = ("peft_bf16_model", "peftkit_fp32_attention_backward", "peftkit_compiled")
-PEFTKIT_STEP = ("peftkit", "full", "peftkit_fp32_attention_backward", "peftkit_compiled")  # as `peftkit train` runs it
+BF16_ONLY = ("peft_bf16_model", "peftkit_compiled")
+PEFTKIT_STEP = ("peftkit", "full", "peftkit_compiled")  # as `peftkit train` runs it
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -79,11 +76,12 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
     elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
         model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
-    else:  # peftkit, peftkit_same_step, peftkit_fp32_attention_backward, peftkit_compiled
+    else:  # peftkit, peftkit_same_step, peftkit_compiled
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
     if bf16 and kind in PEFTKIT_STEP:
         store_frozen_linear_weights_in_bf16(model)
+        norm_outputs_in_autocast_dtype(model)
     if kind == "peftkit_compiled":
         compile_blocks(model)  # as `peftkit train --compile`: after the weights took their dtype
     params = [p for p in model.parameters() if p.requires_grad]
@@ -92,9 +90,7 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
 
     def step(batch, bf16: bool) -> float:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        # on a CPU in bf16, attention's backward in fp32 (peftkit.train.attention)
-        attention = cpu_bf16_training_attention(model, bf16 and device.type == "cpu" and kind == "peftkit_fp32_attention_backward")
-        with autocast, attention:
+        with autocast:
             if target_only:
                 total, n = loss_fn(model, batch, target_only=True)
                 loss = total / n
@@ -183,11 +179,6 @@ def main() -> None:
                           f"{med[f'peftkit_same_step/{p}']:.3f} s vs {ref:.3f} s: the wrappers alone; first-step losses "
                           f"{first_loss[f'peftkit/{p}']:.5f} (peftkit) vs {first_loss[f'peft/{p}']:.5f} (peft)"))
         if p == "bf16":
-            ours = med["peftkit_fp32_attention_backward/bf16"]
-            rows.append(check("train step bf16, peftkit with the fp32 attention backward / peftkit", ours / med["peftkit/bf16"],
-                              None, f"{ours:.3f} s vs {med['peftkit/bf16']:.3f} s: what peftkit.train.attention gives "
-                              f"(PyTorch's CPU flash-attention backward in fp32 instead of bf16); first-step losses "
-                              f"{first_loss['peftkit_fp32_attention_backward/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}"))
             if "peftkit_compiled/bf16" in med:
                 ours = med["peftkit_compiled/bf16"]
                 rows.append(check("train step bf16, peftkit with compiled decoder blocks / peftkit", ours / med["peftkit/bf16"],
@@ -232,7 +223,7 @@ def main() -> None:
     if args.memory:
         for p in precisions:
             for kind in kinds[p]:
-                if kind in ("peftkit_same_step", "peftkit_fp32_attention_backward", "peftkit_compiled"):
+                if kind in ("peftkit_same_step", "peftkit_compiled"):
                     continue
                 extra = ["--worker-bf16"] if p == "bf16" else []
                 threads = ["--threads", str(args.threads)] if args.threads else []

@@ -120,3 +120,41 @@ def store_frozen_linear_weights_in_bf16(model: nn.Module) -> int:
             if any(adapter.reads_base_weight for adapter in host.adapters.values()):
                 keep.add(id(host.base_layer))
     return _linear_weights_to_bf16(model, lambda module: not module.weight.requires_grad and id(module) not in keep)
+
+
+# Decoders whose block-level norms (each block's input_layernorm and post_attention_layernorm, and the final
+# norm) feed linear layers only: the attention's q/k/v (and their adapters), the MLP's gate/up, the output head.
+# Not Gemma 2/3, whose post_attention_layernorm normalises the attention's output on its way into the residual
+# stream, nor the per-head q/k norms of Qwen 3, whose outputs meet the fp32 rotary embeddings.
+NORMS_FEEDING_LINEARS = {"llama", "mistral", "qwen2", "qwen3"}
+BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def norm_outputs_in_autocast_dtype(model: nn.Module) -> int:
+    """Under autocast, the block-level norms of a decoder listed in :data:`NORMS_FEEDING_LINEARS` hand their
+    output on in autocast's dtype (bf16), cast once; returns how many norms were hooked (0 for other models).
+
+    An RMSNorm computes in fp32 and returns fp32, and autocast then casts that output to bf16 separately for
+    each linear layer reading it: five times for q, k, v and two LoRA adapters, twice for gate and up, and in the
+    backward pass each of those casts turns its bf16 gradient back into fp32 before the sum. Cast once, the
+    linear layers get the same bf16 operands (the same rounding of the same values: forward and loss unchanged,
+    bit for bit); the backward sums the consumers' bf16 gradients in bf16 and converts once, so gradients
+    agree to bf16 rounding. Outside autocast the hook does nothing.
+    """
+    from .train.loss import transformers_model
+
+    lm = transformers_model(model)
+    if getattr(getattr(lm, "config", None), "model_type", None) not in NORMS_FEEDING_LINEARS:
+        return 0
+    norms = [m for name, m in lm.named_modules() if name.rsplit(".", 1)[-1] in BLOCK_NORMS]
+    final = getattr(getattr(lm, "model", None), "norm", None)
+    norms += [final] if isinstance(final, nn.Module) else []
+    for norm in norms:
+        norm.register_forward_hook(_output_in_autocast_dtype)
+    return len(norms)
+
+
+def _output_in_autocast_dtype(module: nn.Module, args, output):
+    if isinstance(output, torch.Tensor) and torch.is_autocast_enabled(output.device.type):
+        return output.to(torch.get_autocast_dtype(output.device.type))
+    return None

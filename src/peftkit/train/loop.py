@@ -41,7 +41,7 @@ from ..io.files import append_line, atomic_write_text
 from ..model import get_peft_model
 from ..options import setting_changes
 from ..quantize import prepare_model_for_kbit_training
-from ..precision import autocast, resolve_precision, store_frozen_linear_weights_in_bf16
+from ..precision import autocast, norm_outputs_in_autocast_dtype, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
 from .compile import compile_blocks, eager
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -129,6 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ddp_model = model if sharded else accelerator.prepare_model(model)  # the model itself on one process, DDP-wrapped on several
     if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
+        norm_outputs_in_autocast_dtype(model)  # each norm's output cast to bf16 once, not once per linear layer
     if cfg.compile:  # after the weights took their final dtype: the compiled code is specialised to it
         say(f"peftkit train: {compile_blocks(model)} transformer blocks compile at the first step (torch.compile, regional)")
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
