@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -189,6 +190,11 @@ def main() -> None:
                              "are installed; trainer-compile: Trainer's torch_compile=True, which compiles the whole model)")
     parser.add_argument("--ours", default="peftkit",
                         help=f"comma-separated subset of {','.join(OURS)}: peftkit's pipelines (default: peftkit)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run the pipelines of each repetition at the same time, one per core (needs a core per "
+                             "pipeline and --threads 1): on a shared or virtual machine whose speed drifts by tens of "
+                             "percent from minute to minute, a drift then hits every pipeline alike. A pipeline that "
+                             "finishes first leaves the others the machine to themselves, which favours the slower ones")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every pipeline (default: one per core)")
@@ -212,22 +218,35 @@ def main() -> None:
     ours_names = [p for p in args.ours.split(",") if p]
     if not ours_names or set(ours_names) - set(OURS):
         parser.error(f"--ours takes a comma-separated subset of {','.join(OURS)}, got {args.ours!r}")
+    if args.concurrent and (args.threads != 1 or len(peers) + len(ours_names) > (os.cpu_count() or 1)):
+        parser.error(f"--concurrent runs one pipeline per core with --threads 1: {len(peers) + len(ours_names)} pipelines, "
+                     f"{os.cpu_count()} cores, --threads {args.threads}")
     load_start = load_average()
     _, tokenizer, _ = load_base(args.model)
     tokens = sum(len(e.input_ids) for e in encoded_rows(tokenizer, "dev", args.examples))  # the same rows for all
     runs: dict[str, list[dict]] = {name: [] for name in (*peers, *ours_names)}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            for name in runs:
+            def pipeline(name: str, i: int = i) -> tuple[str, dict]:
                 out = f"{tmp}/{name}{i}"
                 if name in OURS:
-                    result = run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
-                else:
-                    result = run_peer(name, out, args.examples, args.seed, args.model)
+                    return out, run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
+                return out, run_peer(name, out, args.examples, args.seed, args.model)
+
+            if args.concurrent:  # all pipelines of this repeat at once, one core each
+                with ThreadPoolExecutor(len(runs)) as pool:
+                    done = dict(zip(runs, pool.map(pipeline, runs)))
+            else:
+                done = {}
+                for name in runs:
+                    done[name] = pipeline(name)
+                    done[name][1]["load"] = load_average()
+            for name, (out, result) in done.items():
                 result["heldout_loss"] = heldout_loss(out, args.heldout, args.model)
                 result["tokens"] = tokens
                 result["tokens_per_s"] = tokens / result["train_time_s"]
-                result["load"] = load_average()
+                result.setdefault("load", load_average())
+                result["concurrent"] = args.concurrent
                 runs[name].append(result)
                 print(f"  {name} run {i + 1}: {json.dumps(result)}", flush=True)
     med = {name: {k: median([r[k] for r in rs]) for k in ("wall_s", "train_time_s", "tokens_per_s", "heldout_loss")}

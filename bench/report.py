@@ -29,7 +29,7 @@ def load_results(folder: Path) -> list[dict]:
 
 
 def fmt(value: float, metric: str) -> str:
-    if "overhead" in metric or "loss, peftkit -" in metric:
+    if "overhead" in metric or metric.startswith("held-out loss"):
         return f"{value:+.3f}" if "loss" in metric else f"{100 * value:+.1f}%"
     if "latency (ms)" in metric:
         return f"{value * 1000:.1f} us"
