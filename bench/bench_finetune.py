@@ -230,22 +230,20 @@ def main() -> None:
             def pipeline(name: str, i: int = i) -> tuple[str, dict]:
                 out = f"{tmp}/{name}{i}"
                 if name in OURS:
-                    return out, run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
-                return out, run_peer(name, out, args.examples, args.seed, args.model)
+                    result = run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
+                else:
+                    result = run_peer(name, out, args.examples, args.seed, args.model)
+                return out, {**result, "load": load_average()}
 
             if args.concurrent:  # all pipelines of this repeat at once, one core each
                 with ThreadPoolExecutor(len(runs)) as pool:
                     done = dict(zip(runs, pool.map(pipeline, runs)))
             else:
-                done = {}
-                for name in runs:
-                    done[name] = pipeline(name)
-                    done[name][1]["load"] = load_average()
+                done = {name: pipeline(name) for name in runs}
             for name, (out, result) in done.items():
                 result["heldout_loss"] = heldout_loss(out, args.heldout, args.model)
                 result["tokens"] = tokens
                 result["tokens_per_s"] = tokens / result["train_time_s"]
-                result.setdefault("load", load_average())
                 result["concurrent"] = args.concurrent
                 runs[name].append(result)
                 print(f"  {name} run {i + 1}: {json.dumps(result)}", flush=True)

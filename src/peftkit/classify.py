@@ -33,10 +33,10 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 LABELS_FILE = "labels.json"
-_UNSUPPORTED = {  # TrainConfig settings the short classification loop does not implement (refused, not ignored)
-    "grad_accum": 1, "gradient_checkpointing": (None, False), "compile": False, "eval_data": None, "save_every": None,
-    "resume": False,
-    "precision": "auto", "sharding": "none",
+_UNSUPPORTED = {  # TrainConfig settings the short classification loop does not implement (refused, not ignored):
+    # the values it accepts for each
+    "grad_accum": (1,), "gradient_checkpointing": (None, False), "compile": (False,), "eval_data": (None,),
+    "save_every": (None,), "resume": (False,), "precision": ("auto",), "sharding": ("none",),
 }
 _TRACKERS_OK = ("auto", "none")  # classify writes train_log.jsonl only; an explicit tracker would be ignored
 
@@ -76,8 +76,7 @@ def train_classifier(cfg: "TrainConfig") -> dict[str, Any]:
     steps; writes the adapter (with its head), the tokenizer, ``labels.json``, ``train_log.jsonl`` and ``run.json``."""
     from .train.loop import lr_factor, peak_memory, reset_peak_memory
 
-    changed = [f"{k}={getattr(cfg, k)!r}" for k, ok in _UNSUPPORTED.items()
-               if getattr(cfg, k) not in (ok if isinstance(ok, tuple) else (ok,))]
+    changed = [f"{k}={getattr(cfg, k)!r}" for k, accepted in _UNSUPPORTED.items() if getattr(cfg, k) not in accepted]
     if getattr(cfg, "report_to", "auto") not in _TRACKERS_OK:
         changed.append(f"report_to={cfg.report_to!r}")
     if changed:

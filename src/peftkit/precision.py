@@ -138,8 +138,9 @@ def norm_outputs_in_autocast_dtype(model: nn.Module) -> int:
     each linear layer reading it: five times for q, k, v and two LoRA adapters, twice for gate and up, and in the
     backward pass each of those casts turns its bf16 gradient back into fp32 before the sum. Cast once, the
     linear layers get the same bf16 operands (the same rounding of the same values: forward and loss unchanged,
-    bit for bit, unless an adapter's dropout rescales the bf16 input, which rounds once more); the backward sums the consumers' bf16 gradients in bf16 and converts once, so gradients
-    agree to bf16 rounding. Outside autocast the hook does nothing.
+    bit for bit, unless an adapter's dropout rescales the bf16 input, which rounds once more); the backward sums
+    the consumers' bf16 gradients in bf16 and converts once, so gradients agree to bf16 rounding. Outside
+    autocast the hook does nothing.
     """
     from .train.loss import transformers_model
 

@@ -25,14 +25,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .loss import transformers_model
+
 __all__ = ["compile_blocks", "eager"]
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of ``model`` (a PeftModel or a transformers model): the classes transformers
     never splits between devices (``_no_split_modules``), the same units FSDP shards."""
-    from .loss import transformers_model
-
     names = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 
@@ -42,8 +42,6 @@ def compile_blocks(model: nn.Module, **options) -> int:
     many. Raises ValueError when the model names no block class to compile."""
     found = blocks(model)
     if not found:
-        from .loss import transformers_model
-
         raise ValueError(f"--compile: {type(transformers_model(model)).__name__} names no transformer block class "
                          "(_no_split_modules), so there is no repeated block to compile; train without --compile.")
     for block in found:
