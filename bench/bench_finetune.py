@@ -13,9 +13,10 @@
   tokens, which changes how many examples each optimizer step sees, so the runs would no longer take the same
   steps on the same rows (``--worker trl``).
 
-Optional (``--peers trainer-compile``, ``--ours peftkit,peftkit-compile``): ``Trainer`` + ``peft`` with
-``torch_compile=True`` (the whole model compiled by Inductor), and ``peftkit train --compile`` (each transformer
-block compiled, :mod:`peftkit.train.compile`). Each compiled pipeline starts from an empty Inductor cache of its
+``peftkit train`` compiles its transformer blocks by default on a long enough bf16 run on a CPU
+(:func:`peftkit.train.compile.auto_compile`; 128 rows are). Optional (``--peers trainer-compile``, ``--ours
+peftkit,peftkit-eager``): ``Trainer`` + ``peft`` with ``torch_compile=True`` (the whole model compiled by Inductor),
+and ``peftkit train --no-compile``. Each pipeline that may compile starts from an empty Inductor cache of its
 own, so its training time includes all of its compiling, as on a first run.
 
 All of them see the same rows (the first ``--examples`` of DialogSum dev), the same token ids (peftkit's prompt
@@ -49,7 +50,7 @@ from common import check, data_name, dialogsum, load_average, load_base, median,
 
 LR, BATCH, RANK, ALPHA, WARMUP = 2e-4, 4, 8, 16, 0.05
 PEERS = {"trainer": "Trainer+peft", "trl": "TRL SFTTrainer", "trainer-compile": "Trainer+peft compiled"}
-OURS = {"peftkit": "peftkit train", "peftkit-compile": "peftkit train --compile"}
+OURS = {"peftkit": "peftkit train", "peftkit-eager": "peftkit train --no-compile"}
 
 
 def encoded_rows(tokenizer, split: str, limit: int, target_field: str = "summary"):
@@ -123,14 +124,14 @@ def cold_compile_cache() -> dict:
     return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-")}
 
 
-def run_peftkit(output: str, examples: int, seed: int, model_name: str, compile_: bool = False) -> dict:
+def run_peftkit(output: str, examples: int, seed: int, model_name: str, eager: bool = False) -> dict:
     cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
            "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
            "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10",
-           *(["--compile"] if compile_ else [])]
+           *(["--no-compile"] if eager else [])]
     started = time.perf_counter()
-    env = {**os.environ, "TQDM_DISABLE": "1", **(cold_compile_cache() if compile_ else {})}
+    env = {**os.environ, "TQDM_DISABLE": "1", **cold_compile_cache()}  # by default it may compile
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - started
     if out.returncode != 0:
@@ -230,7 +231,7 @@ def main() -> None:
             def pipeline(name: str, i: int = i) -> tuple[str, dict]:
                 out = f"{tmp}/{name}{i}"
                 if name in OURS:
-                    result = run_peftkit(out, args.examples, args.seed, args.model, compile_=name == "peftkit-compile")
+                    result = run_peftkit(out, args.examples, args.seed, args.model, eager=name == "peftkit-eager")
                 else:
                     result = run_peer(name, out, args.examples, args.seed, args.model)
                 return out, {**result, "load": load_average()}

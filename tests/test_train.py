@@ -230,6 +230,47 @@ def test_compiled_blocks_train_to_the_same_adapter(work, monkeypatch):
         assert torch.allclose(runs[True][name], runs[False][name], atol=1e-5), name
 
 
+def test_compile_by_default_where_it_pays(work, monkeypatch, capsys):
+    """compile=None, the default: a bf16 run on a CPU compiles its blocks when it has enough training tokens to win
+    the compile time back, and trains eager when it is short; the log line says why, run.json records which ran."""
+    from functools import partial
+
+    from torch._dynamo.utils import counters
+
+    from peftkit.train import compile as compile_module
+    from peftkit.train.compile import compile_blocks
+
+    monkeypatch.setattr(loop_module, "compile_blocks", partial(compile_blocks, backend="eager"))
+    monkeypatch.setenv("CXX", sys.executable)  # any program will do: the eager backend runs no C++ compiler
+    for min_tokens, compiled in ((10**9, False), (1, True)):
+        monkeypatch.setattr(compile_module, "AUTO_MIN_TOKENS", min_tokens)
+        out = work["root"] / f"auto-compile-{compiled}"
+        torch._dynamo.reset()
+        counters.clear()
+        train(config(work, out, max_steps=2, batch_size=4, precision="bf16", method_options=_no_dropout()))
+        said = capsys.readouterr().out
+        assert json.loads((out / "run.json").read_text())["config"]["compile"] is compiled
+        assert bool(counters["stats"]["unique_graphs"]) == compiled, dict(counters)
+        assert ("compiling by default: a run of" if compiled else "is too short to win back the compile time") in said, said
+        assert ("1 of 2 transformer blocks compile" in said) == compiled, said
+
+
+def test_auto_compile_says_why_it_does_not(work, monkeypatch):
+    from peftkit.train.compile import AUTO_MIN_TOKENS, auto_compile
+
+    model = get_peft_model(load_model(work["llama"])[0], LoraConfig(r=2))
+    cpu, long_run = torch.device("cpu"), AUTO_MIN_TOKENS
+    monkeypatch.setenv("CXX", sys.executable)
+    assert auto_compile(model, cpu, True, 1, False, long_run) == (True, f"a run of {long_run:,d} training tokens wins back the compile time")
+    for args in ((torch.device("cuda"), True, 1, False, long_run), (cpu, False, 1, False, long_run), (cpu, True, 2, False, long_run),
+                 (cpu, True, 1, True, long_run)):
+        chosen, why = auto_compile(model, *args)
+        assert not chosen and why.startswith("compiled by default only where that was measured"), (args, why)
+    assert auto_compile(model, cpu, True, 1, False, long_run - 1)[1].endswith(f"({long_run:,d} or more compile)")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert auto_compile(model, cpu, True, 1, False, long_run) == (False, "no C++ compiler (/nonexistent/c++) for torch.compile's CPU code")
+
+
 def test_compile_refuses_what_it_was_not_built_for(work):
     with pytest.raises(ValueError, match="compile=True works with sharding=none and quantize=none"):
         config(work, "x", compile=True, quantize="nf4")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 LABELS_FILE = "labels.json"
 _UNSUPPORTED = {  # TrainConfig settings the short classification loop does not implement (refused, not ignored):
     # the values it accepts for each
-    "grad_accum": (1,), "gradient_checkpointing": (None, False), "compile": (False,), "eval_data": (None,),
+    "grad_accum": (1,), "gradient_checkpointing": (None, False), "compile": (None, False), "eval_data": (None,),
     "save_every": (None,), "resume": (False,), "precision": ("auto",), "sharding": ("none",),
 }
 _TRACKERS_OK = ("auto", "none")  # classify writes train_log.jsonl only; an explicit tracker would be ignored

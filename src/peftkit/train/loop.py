@@ -43,7 +43,7 @@ from ..options import setting_changes
 from ..quantize import prepare_model_for_kbit_training
 from ..precision import autocast, norm_outputs_in_autocast_dtype, resolve_precision, store_frozen_linear_weights_in_bf16
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale_checkpoints, save_checkpoint, save_final
-from .compile import compile_blocks, eager
+from .compile import auto_compile, compile_blocks, eager
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .loss import loss_fn
 from .sharding import gather_for_saving, parameter_bytes, resolve_sharding, shard_model, whole
@@ -130,8 +130,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if use_bf16 and not sharded:  # after DDP's start-up broadcast: the frozen weights are not synchronised again
         store_frozen_linear_weights_in_bf16(model)  # same bf16 matmuls as autocast's casts, half the memory
         norm_outputs_in_autocast_dtype(model)  # each norm's output cast to bf16 once, not once per linear layer
+    if cfg.compile is None:  # the default: compile where that pays; run.json records which
+        planned_tokens = round(sum(lengths) * total_steps / stream.batches_per_epoch)
+        chosen, why = auto_compile(model, device, use_bf16 and not sharded and cfg.quantize == "none", world, seq2seq, planned_tokens)
+        cfg = dataclasses.replace(cfg, compile=chosen)
+        say(f"peftkit train: {'compiling' if chosen else 'not compiling'} by default: {why} ({'--no-compile' if chosen else '--compile'} to change)")
     if cfg.compile:  # after the weights took their final dtype: the compiled code is specialised to it
-        say(f"peftkit train: {compile_blocks(model)} transformer blocks compile at the first step (torch.compile, regional)")
+        compiled, found = compile_blocks(model)
+        say(f"peftkit train: {compiled} of {found} transformer blocks compile at the first step (torch.compile, regional; "
+            "the first block of each stack stays eager)")
     # A method that steers its own training (AdaLoRA: an orthogonality penalty in the loss, and the rank
     # moved between layers from the gradients after each optimizer step) provides these two hooks.
     steering = model.tuner() if hasattr(model.tuner(), "update_and_allocate") else None
