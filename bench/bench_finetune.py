@@ -237,6 +237,7 @@ def main() -> None:
                 return out, {**result, "load": load_average()}
 
             if args.concurrent:  # all pipelines of this repeat at once, one core each
+                os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # torch.compile's C++ compiles too
                 with ThreadPoolExecutor(len(runs)) as pool:
                     done = dict(zip(runs, pool.map(pipeline, runs)))
             else:

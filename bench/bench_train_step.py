@@ -10,10 +10,10 @@ forward, loss, backward, optimizer step. Candidates, interleaved in one process 
 * ``peftkit (same step)``: peftkit's model with the same ``model(**batch).loss``: the wrapper's own cost.
 * ``peftkit``: the step as ``peftkit train`` runs it: logits and loss only at target positions
   (``peftkit.train.loss.loss_fn``); the same loss value.
-* ``peftkit, compiled``, bf16 only: the ``peftkit`` step with every decoder block compiled by ``torch.compile``
-  (``peftkit train --compile``, :mod:`peftkit.train.compile`). Its warmup, timed apart, compiles twice as a training
-  run does: for the first batch, then for any length once a batch of a second length (32 tokens shorter) comes
-  (``--no-compile`` leaves it out).
+* ``peftkit, compiled``, bf16 only: the ``peftkit`` step with the decoder blocks compiled by ``torch.compile`` as
+  ``peftkit train`` compiles them (:mod:`peftkit.train.compile`: dynamic shapes, the first block eager). Its warmup,
+  timed apart, is a step and a step of a second length (32 tokens shorter), which must not compile again, as in
+  training (``--no-compile`` leaves it out).
 
 each in fp32 and, with ``--bf16`` (default where the CPU has AMX/AVX512-BF16 or on a GPU), under bf16 autocast
 for both (fp32 adapter weights). Peak memory (RSS; GPU: max allocated) is measured per candidate in a
@@ -83,7 +83,7 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
         store_frozen_linear_weights_in_bf16(model)
         norm_outputs_in_autocast_dtype(model)
     if kind == "peftkit_compiled":
-        compile_blocks(model)  # as `peftkit train --compile`: after the weights took their dtype
+        compile_blocks(model)  # as `peftkit train` compiles: after the weights took their dtype
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     target_only = kind in PEFTKIT_STEP
@@ -157,7 +157,7 @@ def main() -> None:
     for key in steps:  # also the warmup; the compiled candidate compiles here
         started = time.perf_counter()
         first_loss[key] = steps[key](batch, key.endswith("bf16"))
-        if key.startswith("peftkit_compiled"):  # a second length, as in training: compiles the graph for any length
+        if key.startswith("peftkit_compiled"):  # a second length, as in training: the graph already takes any length
             steps[key](shorter, True)
         first_s[key] = time.perf_counter() - started
     peak_before = peak_matmul_rate(device) if bf16 else None
@@ -183,7 +183,7 @@ def main() -> None:
                 ours = med["peftkit_compiled/bf16"]
                 rows.append(check("train step bf16, peftkit with compiled decoder blocks / peftkit", ours / med["peftkit/bf16"],
                                   "<= 1.00", f"{ours:.3f} s vs {med['peftkit/bf16']:.3f} s (medians of {args.repeats}, interleaved); "
-                                  f"warmup (compiles twice, 2 steps) {first_s['peftkit_compiled/bf16']:.1f} s vs first eager step "
+                                  f"warmup (compile, 2 steps of 2 lengths) {first_s['peftkit_compiled/bf16']:.1f} s vs first eager step "
                                   f"{first_s['peftkit/bf16']:.1f} s; first-step losses {first_loss['peftkit_compiled/bf16']:.5f} vs {first_loss['peftkit/bf16']:.5f}; "
                                   f"load {load_start} at start, {load_average()} now"))
             ref = med["peft_bf16_model/bf16"]

@@ -66,7 +66,6 @@ def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
-        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)  # torch.compile's C++ compiles: no more cores either
 
 
 def machine() -> dict:
