@@ -15,9 +15,11 @@
 
 ``peftkit train`` compiles its transformer blocks by default on a long enough bf16 run on a CPU
 (:func:`peftkit.train.compile.auto_compile`; 128 rows are). Optional (``--peers trainer-compile``, ``--ours
-peftkit,peftkit-eager``): ``Trainer`` + ``peft`` with ``torch_compile=True`` (the whole model compiled by Inductor),
-and ``peftkit train --no-compile``. Each pipeline that may compile starts from an empty Inductor cache of its
-own, so its training time includes all of its compiling, as on a first run.
+peftkit,peftkit-eager,peftkit-warm``): ``Trainer`` + ``peft`` with ``torch_compile=True`` (the whole model compiled
+by Inductor), ``peftkit train --no-compile``, and ``peftkit train`` as on a second run on the machine
+(``peftkit-warm``: an untimed 2-step run fills its Inductor cache first). Every other pipeline that may compile
+starts from an empty Inductor cache of its own, so its training time includes all of its compiling, as on a first
+run.
 
 All of them see the same rows (the first ``--examples`` of DialogSum dev), the same token ids (peftkit's prompt
 format: chat template, prompt masked out of the labels), the same LoRA (r=8, alpha 16, no dropout, q/v) and
@@ -50,7 +52,7 @@ from common import check, data_name, dialogsum, load_average, load_base, median,
 
 LR, BATCH, RANK, ALPHA, WARMUP = 2e-4, 4, 8, 16, 0.05
 PEERS = {"trainer": "Trainer+peft", "trl": "TRL SFTTrainer", "trainer-compile": "Trainer+peft compiled"}
-OURS = {"peftkit": "peftkit train", "peftkit-eager": "peftkit train --no-compile"}
+OURS = {"peftkit": "peftkit train", "peftkit-eager": "peftkit train --no-compile", "peftkit-warm": "peftkit train, 2nd run"}
 
 
 def encoded_rows(tokenizer, split: str, limit: int, target_field: str = "summary"):
@@ -124,14 +126,19 @@ def cold_compile_cache() -> dict:
     return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-")}
 
 
-def run_peftkit(output: str, examples: int, seed: int, model_name: str, eager: bool = False) -> dict:
+def run_peftkit(output: str, examples: int, seed: int, model_name: str, kind: str = "peftkit") -> dict:
     cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
            "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
            "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10",
-           *(["--no-compile"] if eager else [])]
-    started = time.perf_counter()
+           *(["--no-compile"] if kind == "peftkit-eager" else [])]
     env = {**os.environ, "TQDM_DISABLE": "1", **cold_compile_cache()}  # by default it may compile
+    if kind == "peftkit-warm":  # a second run on this machine: an earlier one (untimed, 2 steps) filled the cache
+        warm = subprocess.run([*cmd[:cmd.index("--output") + 1], output + "-warmup", *cmd[cmd.index("--output") + 2:], "--max-steps", "2", "--compile"],
+                              capture_output=True, text=True, check=False, env=env)
+        if warm.returncode != 0:
+            raise RuntimeError(f"peftkit train (cache warm-up) failed:\n{warm.stderr[-3000:]}")
+    started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - started
     if out.returncode != 0:
@@ -143,7 +150,7 @@ def run_peftkit(output: str, examples: int, seed: int, model_name: str, eager: b
                 "sampling": "group_by_length" if config.get("group_by_length", True) else "random",
                 "batches": "packed (padding-free)" if config.get("packing") else "dynamic padding"}
     if config.get("compile"):
-        settings["compile"] = "regional torch.compile (inductor, cold cache)"
+        settings["compile"] = f"regional torch.compile (inductor, {'warm cache' if kind == 'peftkit-warm' else 'cold cache'})"
     return {"wall_s": wall, "train_time_s": run["train_time_s"], "steps": run["steps"], "device": run.get("device"),
             "final_loss": run["final_loss"], "settings": settings,
             "own_tokens_count": round(run["train_tokens_per_s"] * run["train_time_s"]),
@@ -231,7 +238,7 @@ def main() -> None:
             def pipeline(name: str, i: int = i) -> tuple[str, dict]:
                 out = f"{tmp}/{name}{i}"
                 if name in OURS:
-                    result = run_peftkit(out, args.examples, args.seed, args.model, eager=name == "peftkit-eager")
+                    result = run_peftkit(out, args.examples, args.seed, args.model, kind=name)
                 else:
                     result = run_peer(name, out, args.examples, args.seed, args.model)
                 return out, {**result, "load": load_average()}
@@ -263,7 +270,8 @@ def main() -> None:
         ours, mine = med[name], OURS[name]
         for peer in peers:
             ref, label = med[peer], PEERS[peer]
-            vs = f"{mine} [{settings[name]}] vs {label} [{settings[peer]}]"
+            how = ("side by side, one core each, " if args.concurrent else "") + (f"medians of {args.repeats} runs; " if args.repeats > 1 else "")
+            vs = f"{how}{mine} [{settings[name]}] vs {label} [{settings[peer]}]"
             rows += [
                 check(f"end-to-end fine-tune wall time, {mine} / {label}", ours["wall_s"] / ref["wall_s"], None,
                       f"{ours['wall_s']:.1f} s vs {ref['wall_s']:.1f} s; {vs}"),

@@ -71,9 +71,10 @@ def eager() -> Iterator[None]:
 
 
 # `peftkit train`'s default (compile=None) compiles when the run has at least this many training tokens. On
-# SmolLM2-135M (bf16, one CPU thread, 2026-12-02) compiling cost about 20-30 s before the first step, and the
-# compiled blocks then trained about 1.5x the eager tokens/s (410-480 vs 240-320), saving about 1.5 ms a token:
-# the compile is won back after about 15-20k tokens. Twice that, so that a run that compiles gains.
+# SmolLM2-135M (bf16, one torch thread, 2026-12-02) compiling cost about 20 s before the first step with two
+# compile threads (Inductor's default on two cores) and about 45 s with one; the compiled blocks then trained
+# 400-470 tokens/s against 230-320 eager, saving about 1.5 ms a token. So the compile is won back after about 15k
+# tokens with two compile threads and about 30k with one: twice the first, about the second.
 AUTO_MIN_TOKENS = 32_000
 
 

@@ -57,11 +57,12 @@ class TrainConfig:
             ``peft``'s ``prepare_model_for_kbit_training`` does (a 4-bit base saves little when the activations
             dominate peak memory), off otherwise.
         compile: Compile the transformer blocks with torch.compile (Inductor) for training: generated kernels
-            fuse the work between the matmuls. Costs compile time at the first step (about 20-30 s for SmolLM2-135M
-            on a CPU); pays on runs long enough to win that back. Evaluation stays eager. Needs a C++ compiler on a
-            CPU; not with sharding=fsdp or quantize. ``None`` (the default): on where that was measured to pay, a
-            single bf16 process on a CPU with a C++ compiler, a decoder-only model and a run of at least 32,000
-            training tokens (:func:`peftkit.train.compile.auto_compile`); run.json records what ran.
+            fuse the work between the matmuls. Costs compile time at the first step (20-50 s for SmolLM2-135M on a
+            CPU, less on later runs, which reuse Inductor's cache); pays on runs long enough to win that back.
+            Evaluation stays eager. Needs a C++ compiler on a CPU; not with sharding=fsdp or quantize. ``None`` (the
+            default): on where that was measured to pay, a single bf16 process on a CPU with a C++ compiler, a
+            decoder-only model and a run of at least 32,000 training tokens
+            (:func:`peftkit.train.compile.auto_compile`); run.json records what ran.
         sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
             of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
             process (DDP) does not fit. Needs several processes (torchrun or accelerate launch); an Accelerate
