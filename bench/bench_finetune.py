@@ -127,15 +127,16 @@ def cold_compile_cache() -> dict:
 
 
 def run_peftkit(output: str, examples: int, seed: int, model_name: str, kind: str = "peftkit") -> dict:
-    cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
-           "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
-           "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
-           "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10",
-           *(["--no-compile"] if kind == "peftkit-eager" else [])]
+    def command(folder: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
+                "--output", folder, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
+                "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
+                "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10", *extra]
+
+    cmd = command(output, *(["--no-compile"] if kind == "peftkit-eager" else []))
     env = {**os.environ, "TQDM_DISABLE": "1", **cold_compile_cache()}  # by default it may compile
     if kind == "peftkit-warm":  # a second run on this machine: an earlier one (untimed, 2 steps) filled the cache
-        warm = subprocess.run([*cmd[:cmd.index("--output") + 1], output + "-warmup", *cmd[cmd.index("--output") + 2:], "--max-steps", "2", "--compile"],
-                              capture_output=True, text=True, check=False, env=env)
+        warm = subprocess.run(command(output + "-warmup", "--max-steps", "2", "--compile"), capture_output=True, text=True, check=False, env=env)
         if warm.returncode != 0:
             raise RuntimeError(f"peftkit train (cache warm-up) failed:\n{warm.stderr[-3000:]}")
     started = time.perf_counter()
@@ -233,6 +234,8 @@ def main() -> None:
     _, tokenizer, _ = load_base(args.model)
     tokens = sum(len(e.input_ids) for e in encoded_rows(tokenizer, "dev", args.examples))  # the same rows for all
     runs: dict[str, list[dict]] = {name: [] for name in (*peers, *ours_names)}
+    if args.concurrent:  # one core per pipeline: torch.compile's C++ compiles too
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             def pipeline(name: str, i: int = i) -> tuple[str, dict]:
@@ -244,7 +247,6 @@ def main() -> None:
                 return out, {**result, "load": load_average()}
 
             if args.concurrent:  # all pipelines of this repeat at once, one core each
-                os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # torch.compile's C++ compiles too
                 with ThreadPoolExecutor(len(runs)) as pool:
                     done = dict(zip(runs, pool.map(pipeline, runs)))
             else:
@@ -266,11 +268,11 @@ def main() -> None:
         peft.get_peft_model(load(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp)
         base_loss = heldout_loss(tmp, args.heldout, args.model)
     rows = []
+    how = ("side by side, one core each, " if args.concurrent else "") + (f"medians of {args.repeats} runs; " if args.repeats > 1 else "")
     for name in ours_names:
         ours, mine = med[name], OURS[name]
         for peer in peers:
             ref, label = med[peer], PEERS[peer]
-            how = ("side by side, one core each, " if args.concurrent else "") + (f"medians of {args.repeats} runs; " if args.repeats > 1 else "")
             vs = f"{how}{mine} [{settings[name]}] vs {label} [{settings[peer]}]"
             rows += [
                 check(f"end-to-end fine-tune wall time, {mine} / {label}", ours["wall_s"] / ref["wall_s"], None,
