@@ -122,8 +122,10 @@ def peer_worker(kind: str, output: str, examples: int, seed: int, model_name: st
 
 def cold_compile_cache() -> dict:
     """Environment for a pipeline that compiles: a fresh, empty Inductor cache, so that no run reuses code
-    compiled by an earlier one (each compiled pipeline pays its whole compile time, as on a first run)."""
-    return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-")}
+    compiled by an earlier one (each compiled pipeline pays its whole compile time, as on a first run). A fresh
+    TMPDIR too: Inductor keeps its precompiled C++ headers under the temporary directory whatever
+    TORCHINDUCTOR_CACHE_DIR says."""
+    return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-"), "TMPDIR": tempfile.mkdtemp(prefix="bench-tmp-")}
 
 
 def run_peftkit(output: str, examples: int, seed: int, model_name: str, kind: str = "peftkit") -> dict:

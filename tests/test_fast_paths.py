@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+import json
+import platform
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -367,6 +373,49 @@ def test_compiled_blocks_give_the_training_step_of_the_eager_model():
     with eager(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: no compiling for it
         model(input_ids=batch["input_ids"])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+_ISA_SCRIPT = r"""
+import collections, json, sys
+import torch._inductor.cpu_vec_isa as v
+from peftkit.train.compile import probe_vector_isa
+heavy = collections.Counter()
+build = v.VecISA.check_build
+def check_build(self, code):
+    if code == v.VecISA._avx_code:
+        heavy[str(self)] += 1
+        if sys.argv[1] == "first-fails" and str(self) == sys.argv[2]:
+            return False  # as a compiler that cannot build the first set's vector code answers
+    return build(self, code)
+v.VecISA.check_build = check_build
+probed = probe_vector_isa() if sys.argv[1] != "inductor" else None
+isa = v.pick_vec_isa()
+print(json.dumps({"probed": probed, "picked": str(isa), "flags": isa.build_arch_flags(), "heavy": dict(heavy)}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="Inductor's x86 vector ISA checks need g++ on x86-64 Linux")
+def test_vector_isa_probe_picks_what_inductor_picks_with_one_test_build():
+    """probe_vector_isa (run before a compile on a CPU) leaves Inductor with the vector instruction set and compiler
+    flags it picks by itself, after one test build of torch's vector headers instead of one per set the CPU lists;
+    when that build fails, Inductor checks every set again and picks as it would have. Each in its own process:
+    the answers live in process-wide caches."""
+    def run(*args):
+        done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    inductor, ours = run("inductor"), run("ours")
+    if not inductor["heavy"]:
+        pytest.skip("this CPU lists no vector instruction set Inductor checks")
+    assert (ours["picked"], ours["flags"]) == (inductor["picked"], inductor["flags"])
+    assert ours["probed"] == inductor["picked"] and ours["heavy"] == {inductor["picked"]: 1}, (ours, inductor)
+    failing = run("first-fails", inductor["picked"])
+    assert failing["probed"] is None
+    # the probe's answers undone: Inductor checks every set again (the failing one a second time) and picks another
+    assert failing["heavy"] == {**inductor["heavy"], inductor["picked"]: 2}, (failing, inductor)
+    assert failing["picked"] != inductor["picked"]
 
 
 def test_lora_skips_dropout_when_it_is_zero():
