@@ -5,9 +5,11 @@ and, where bf16 is fast, under bf16 autocast as ``peftkit train`` runs it, with 
 stored in bf16) for 3 steps on 4 x 256 DialogSum tokens: LoRA r=8 on q/v vs every parameter trained
 (``FullConfig``). Memory is the process's peak RSS (on a GPU: ``torch.cuda.max_memory_allocated``), so it
 includes the model weights both share; the gradients and AdamW's two states per trained parameter are what
-full fine-tuning adds. A third process only loads the model, as the floor.
+full fine-tuning adds. A third process only loads the model, as the floor. On a CPU, under bf16, both are
+measured again with their decoder blocks compiled (``peftkit train``'s default for a run of 32k tokens or more,
+:func:`peftkit.train.compile.auto_compile`); the compile's own memory counts, as it would in a run.
 
-    .venv/bin/python bench/bench_memory.py [--no-bf16]
+    .venv/bin/python bench/bench_memory.py [--no-bf16] [--no-compile]
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure both with compiled decoder blocks, as `peftkit train` runs long bf16 runs "
+                             "(default: on a CPU; its compile's own memory counts)")
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -42,16 +47,23 @@ def main() -> None:
         return
     load_start = load_average()
     bf16 = bf16_support(torch.device(args.device))[0] if args.bf16 is None else args.bf16
+    if args.compile is None:  # where `peftkit train` compiles by default
+        args.compile = args.device == "cpu"
     unit = "GPU max allocated" if args.device == "cuda" else "peak RSS"
     floor = run_worker([__file__, "--load-only", "--model", args.model])["peak_mib"] if args.device == "cpu" else None
     peak, rows = {}, []
-    for precision in ["fp32"] + ["bf16"] * bf16:
+    settings = [("fp32", "", "fp32")]
+    if bf16:
+        settings.append(("bf16", "", "bf16 autocast, `peftkit train --no-compile`"))
+        if args.compile:
+            settings.append(("bf16", "_compiled", "bf16 autocast, compiled blocks: `peftkit train`'s default from 32k tokens"))
+    for precision, compiled, label in settings:
         extra = ["--worker-bf16"] if precision == "bf16" else []
         for kind in ("lora", "full"):
-            peak[f"{kind}/{precision}"] = run_worker([STEP_SCRIPT, "--worker", "peftkit" if kind == "lora" else "full", "--device",
-                                                      args.device, "--model", args.model, *extra])["peak_mib"]
-        lora, full = peak[f"lora/{precision}"], peak[f"full/{precision}"]
-        label = "bf16 autocast, as `peftkit train` runs it" if precision == "bf16" else "fp32"
+            worker = ("peftkit" if kind == "lora" else "full") + compiled
+            peak[f"{kind}/{precision}{compiled}"] = run_worker([STEP_SCRIPT, "--worker", worker, "--device", args.device,
+                                                                "--model", args.model, *extra])["peak_mib"]
+        lora, full = peak[f"lora/{precision}{compiled}"], peak[f"full/{precision}{compiled}"]
         rows.append(check(f"LoRA training peak memory / full fine-tuning ({label})", lora / full, "<= 0.35",
                           f"{lora:.0f} MiB vs {full:.0f} MiB ({unit}; both peftkit, {label}, AdamW)"
                           + (f"; loading the model alone: {floor:.0f} MiB" if floor else "")))

@@ -62,7 +62,7 @@ from peftkit.train.loss import loss_fn
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 CANDIDATES = ("peft", "peftkit_same_step", "peftkit")
 BF16_ONLY = ("peft_bf16_model", "peftkit_compiled")
-PEFTKIT_STEP = ("peftkit", "full", "peftkit_compiled")  # as `peftkit train` runs it
+PEFTKIT_STEP = ("peftkit", "full", "peftkit_compiled", "full_compiled")  # as `peftkit train` runs it
 
 
 def build(kind: str, load, device: torch.device, bf16: bool = False):
@@ -70,7 +70,7 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
     With ``bf16``, ``peftkit`` and ``full`` are set up as ``peftkit train`` does for bf16 autocast (frozen
     linear weights stored in bf16; full fine-tuning has none)."""
     torch.manual_seed(0)
-    if kind == "full":  # full fine-tuning through the same entry point (bench_memory.py)
+    if kind in ("full", "full_compiled"):  # full fine-tuning through the same entry point (bench_memory.py)
         model = get_peft_model(load(), FullConfig())
     elif kind == "peft":  # B starts at zero in both, so the first step's loss is the base model's in both
         model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
@@ -82,7 +82,7 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
     if bf16 and kind in PEFTKIT_STEP:
         store_frozen_linear_weights_in_bf16(model)
         norm_outputs_in_autocast_dtype(model)
-    if kind == "peftkit_compiled":
+    if kind.endswith("_compiled"):
         compile_blocks(model)  # as `peftkit train` compiles: after the weights took their dtype
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -132,7 +132,7 @@ def main() -> None:
                         help="also measure the step with compiled decoder blocks (bf16; compiling takes minutes on a busy CPU)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue name or model directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--worker", choices=(*CANDIDATES, *BF16_ONLY, "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*CANDIDATES, *BF16_ONLY, "full", "full_compiled"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
