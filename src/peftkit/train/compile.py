@@ -74,25 +74,28 @@ def compile_blocks(model: nn.Module, **options) -> tuple[int, int]:
 def probe_vector_isa() -> str | None:
     """Check only the vector instruction set Inductor will use on this CPU (see above) and return its name; None
     where Inductor checks them itself: the user chose (TORCHINDUCTOR_VEC_ISA_OK, ``cpp.simdlen``,
-    ATEN_CPU_CAPABILITY), this process already checked, the CPU lists none, the first failed its test build, or
-    this torch's Inductor lacks what this relies on."""
+    ATEN_CPU_CAPABILITY), this process already checked, the CPU lists none, the first failed its test build, the
+    check raised, or this torch's Inductor lacks what this relies on."""
     try:
         from torch._inductor import config, cpu_vec_isa
+
         listed_by_cpu, test_code = cpu_vec_isa.valid_vec_isa_list, cpu_vec_isa.VecISA._avx_code
         if (config.cpp.vec_isa_ok is not None or config.cpp.simdlen is not None or os.environ.get("ATEN_CPU_CAPABILITY")
                 or listed_by_cpu.cache_info().currsize):
             return None
+    except (ImportError, AttributeError):
+        return None
+    try:
         with config.patch({"cpp.vec_isa_ok": True}):  # the sets the CPU lists; their small intrinsic checks still run
             listed = listed_by_cpu()
         if listed and listed[0].check_build(test_code):  # Inductor's own test, for the set it picks first
             return str(listed[0])
-        # Undo: Inductor checks every set again, without the answers given under the patch.
-        listed_by_cpu.cache_clear()
-        for isa in listed:
-            for cls in type(isa).__mro__:
-                getattr(cls.__dict__.get("__bool__"), "cache_clear", lambda: None)()
-    except (ImportError, AttributeError):
+    except Exception:  # whatever went wrong, Inductor's own check decides, as without this
         pass
+    # Undo: Inductor checks every set again, without the answers given under the patch.
+    listed_by_cpu.cache_clear()
+    for cls in {c for isa in cpu_vec_isa.supported_vec_isa_list for c in type(isa).__mro__}:
+        getattr(cls.__dict__.get("__bool__"), "cache_clear", lambda: None)()
     return None
 
 
