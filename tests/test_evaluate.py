@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -179,6 +181,16 @@ def test_eval_and_merge_help_explain_their_options(capsys):
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), command
     assert "default" in text
+
+
+def test_the_command_line_does_not_import_the_rouge_scorer_until_it_scores():
+    """rouge_score imports NLTK, SciPy and scikit-learn (2.3 s here): every command's parser, `peftkit --help` and
+    `peftkit train` start without it; scoring imports it."""
+    script = ("import sys; from peftkit.cli import build_parser; build_parser(); print('nltk' in sys.modules); "
+              "from peftkit.evaluate.rouge import rouge; rouge(['a b'], [['a b']]); print('nltk' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
 
 
 def test_eval_of_an_encoder_decoder_model_without_adapter(tmp_path):

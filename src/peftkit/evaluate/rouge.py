@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 
-from rouge_score import rouge_scorer
-
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -25,6 +23,8 @@ def rouge_per_example(predictions: list[str], references: list[list[str]]) -> li
     """F-measures per example: ``[{"rouge1": f, "rouge2": f, "rougeL": f, "rougeLsum": f}, ...]``."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists.")
+    from rouge_score import rouge_scorer  # here, not at the top: it imports NLTK, SciPy and scikit-learn (2.3 s)
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out = []
     for prediction, refs in zip(predictions, references, strict=True):
