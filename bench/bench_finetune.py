@@ -14,7 +14,7 @@
   steps on the same rows (``--worker trl``).
 
 ``peftkit train`` compiles its transformer blocks by default on a long enough bf16 run on a CPU
-(:func:`peftkit.train.compile.auto_compile`; 128 rows are). Optional (``--peers trainer-compile``, ``--ours
+(:func:`peftkit.train.compile.auto_compile`: from 100k training tokens; 128 rows are not, 500 are). Optional (``--peers trainer-compile``, ``--ours
 peftkit,peftkit-eager,peftkit-warm``): ``Trainer`` + ``peft`` with ``torch_compile=True`` (the whole model compiled
 by Inductor), ``peftkit train --no-compile``, and ``peftkit train`` as on a second run on the machine
 (``peftkit-warm``: an untimed 2-step run fills its Inductor cache first). Every other pipeline that may compile

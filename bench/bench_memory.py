@@ -6,7 +6,7 @@ stored in bf16) for 3 steps on 4 x 256 DialogSum tokens: LoRA r=8 on q/v vs ever
 (``FullConfig``). Memory is the process's peak RSS (on a GPU: ``torch.cuda.max_memory_allocated``), so it
 includes the model weights both share; the gradients and AdamW's two states per trained parameter are what
 full fine-tuning adds. A third process only loads the model, as the floor. On a CPU, under bf16, both are
-measured again with their decoder blocks compiled (``peftkit train``'s default for a run of 32k tokens or more,
+measured again with their decoder blocks compiled (``peftkit train``'s default for a run of 100k tokens or more,
 :func:`peftkit.train.compile.auto_compile`); the compile's own memory counts, as it would in a run.
 
     .venv/bin/python bench/bench_memory.py [--no-bf16] [--no-compile]
@@ -56,7 +56,7 @@ def main() -> None:
     if bf16:
         settings.append(("bf16", "", "bf16 autocast, `peftkit train --no-compile`"))
         if args.compile:
-            settings.append(("bf16", "_compiled", "bf16 autocast, compiled blocks: `peftkit train`'s default from 32k tokens"))
+            settings.append(("bf16", "_compiled", "bf16 autocast, compiled blocks: `peftkit train`'s default from 100k tokens"))
     for precision, compiled, label in settings:
         extra = ["--worker-bf16"] if precision == "bf16" else []
         for kind in ("lora", "full"):

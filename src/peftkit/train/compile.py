@@ -107,11 +107,12 @@ def eager() -> Iterator[None]:
 
 
 # `peftkit train`'s default (compile=None) compiles when the run has at least this many training tokens. On
-# SmolLM2-135M (bf16, one torch thread, 2026-12-02) compiling cost about 20 s before the first step with two
-# compile threads (Inductor's default on two cores) and about 45 s with one; the compiled blocks then trained
-# 400-470 tokens/s against 230-320 eager, saving about 1.5 ms a token. So the compile is won back after about 15k
-# tokens with two compile threads and about 30k with one: twice the first, about the second.
-AUTO_MIN_TOKENS = 32_000
+# SmolLM2-135M (bf16, one torch thread, 2026-12-02), a first run on the machine (empty Inductor cache, its headers
+# precompiled afresh, one compile thread) lost about 53 s to the compile in its first 10 steps; the compiled blocks
+# then trained 400-470 tokens/s against 230-320 eager in a quiet hour (1.4 ms saved a token: won back after about
+# 40k tokens) but 240-320 against 200-260 in a slow one (0.6 ms: about 90k). Side by side in the slow hour, 128
+# DialogSum rows (35.7k tokens) trained in 161 and 177 s eager against 199 and 208 s compiled. So 100k.
+AUTO_MIN_TOKENS = 100_000
 
 
 def auto_compile(model: nn.Module, device: torch.device, bf16: bool, world: int, seq2seq: bool, planned_tokens: int) -> tuple[bool, str]:

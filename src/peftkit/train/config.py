@@ -61,7 +61,7 @@ class TrainConfig:
             CPU, less on later runs, which reuse Inductor's cache); pays on runs long enough to win that back.
             Evaluation stays eager. Needs a C++ compiler on a CPU; not with sharding=fsdp or quantize. ``None`` (the
             default): on where that was measured to pay, a single bf16 process on a CPU with a C++ compiler, a
-            decoder-only model and a run of at least 32,000 training tokens
+            decoder-only model and a run of at least 100,000 training tokens
             (:func:`peftkit.train.compile.auto_compile`); run.json records what ran.
         sharding: ``fsdp`` splits the model between the processes (PyTorch FSDP2): each of N processes keeps 1/N
             of every weight, frozen ones included, and of the optimizer state, for models whose full copy per
