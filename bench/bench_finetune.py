@@ -14,12 +14,12 @@
   steps on the same rows (``--worker trl``).
 
 ``peftkit train`` compiles its transformer blocks by default on a long enough bf16 run on a CPU
-(:func:`peftkit.train.compile.auto_compile`: from 100k training tokens; 128 rows are not, 500 are). Optional (``--peers trainer-compile``, ``--ours
-peftkit,peftkit-eager,peftkit-warm``): ``Trainer`` + ``peft`` with ``torch_compile=True`` (the whole model compiled
-by Inductor), ``peftkit train --no-compile``, and ``peftkit train`` as on a second run on the machine
-(``peftkit-warm``: an untimed 2-step run fills its Inductor cache first). Every other pipeline that may compile
-starts from an empty Inductor cache of its own, so its training time includes all of its compiling, as on a first
-run.
+(:func:`peftkit.train.compile.auto_compile`: from 100k training tokens; 128 rows are not, 500 are). Optional
+(``--peers trainer-compile``, ``--ours peftkit,peftkit-eager,peftkit-warm``): ``Trainer`` + ``peft`` with
+``torch_compile=True`` (the whole model compiled by Inductor), ``peftkit train --no-compile``, and ``peftkit
+train`` as on a second run on the machine (``peftkit-warm``: an untimed 2-step run fills its Inductor cache
+first). Every other pipeline that may compile starts from an empty Inductor cache and temporary directory of its
+own, so its training time includes all of its compiling, as on a first run.
 
 All of them see the same rows (the first ``--examples`` of DialogSum dev), the same token ids (peftkit's prompt
 format: chat template, prompt masked out of the labels), the same LoRA (r=8, alpha 16, no dropout, q/v) and
