@@ -64,8 +64,8 @@ def compile_blocks(model: nn.Module, **options) -> tuple[int, int]:
                          "(_no_split_modules), so there is no repeated block to compile; train without --compile.")
     named = {id(m): name for name, m in model.named_modules()}
     later = [block for block in found if not named[id(block)].endswith(".0")]  # ".0": first in its ModuleList
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        probe_vector_isa()
+    if options.get("backend", "inductor") == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
+        probe_vector_isa()  # only Inductor builds C++ for a CPU
     for block in later:
         block.compile(**{"dynamic": True, **options})
     return len(later), len(found)
