@@ -35,7 +35,6 @@ import json
 import sys
 import time
 
-import peft
 import torch
 from common import (
     check,
@@ -72,10 +71,14 @@ def build(kind: str, load, device: torch.device, bf16: bool = False):
     torch.manual_seed(0)
     if kind in ("full", "full_compiled"):  # full fine-tuning through the same entry point (bench_memory.py)
         model = get_peft_model(load(), FullConfig())
-    elif kind == "peft":  # B starts at zero in both, so the first step's loss is the base model's in both
-        model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
-    elif kind == "peft_bf16_model":  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
-        model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
+    elif kind in ("peft", "peft_bf16_model"):
+        # imported here: peftkit's and full fine-tuning's memory workers must not carry peft (177 MiB of RSS)
+        import peft
+
+        if kind == "peft":  # B starts at zero in both, so the first step's loss is the base model's in both
+            model = peft.get_peft_model(load(), peft.LoraConfig(**LORA))
+        else:  # the model in bf16, the adapter in fp32 (peft's autocast_adapter_dtype)
+            model = peft.get_peft_model(load().to(torch.bfloat16), peft.LoraConfig(**LORA))
     else:  # peftkit, peftkit_same_step, peftkit_compiled
         model = get_peft_model(load(), LoraConfig(**LORA))
     model.to(device).train()
