@@ -128,12 +128,17 @@ def cold_compile_cache() -> dict:
     return {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-"), "TMPDIR": tempfile.mkdtemp(prefix="bench-tmp-")}
 
 
+def train_args(output: str, examples: int, seed: int, model_name: str) -> list[str]:
+    """``peftkit train``'s arguments for the same rows, LoRA and optimisation as the peers (after ``peftkit``)."""
+    return ["train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
+            "--output", output, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
+            "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
+            "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10"]
+
+
 def run_peftkit(output: str, examples: int, seed: int, model_name: str, kind: str = "peftkit") -> dict:
     def command(folder: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "peftkit.cli", "train", "--model", model_name, "--data", str(dialogsum("dev")), "--limit", str(examples),
-                "--output", folder, "--method", "lora", "--r", str(RANK), "--lora-alpha", str(ALPHA), "--lora-dropout", "0",
-                "--target-modules", "q_proj,v_proj", "--lr", str(LR), "--batch-size", str(BATCH), "--epochs", "1",
-                "--warmup", str(WARMUP), "--schedule", "cosine", "--max-grad-norm", "1.0", "--seed", str(seed), "--log-every", "10", *extra]
+        return [sys.executable, "-m", "peftkit.cli", *train_args(folder, examples, seed, model_name), *extra]
 
     cmd = command(output, *(["--no-compile"] if kind == "peftkit-eager" else []))
     env = {**os.environ, "TQDM_DISABLE": "1", **cold_compile_cache()}  # by default it may compile

